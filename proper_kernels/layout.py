@@ -1,0 +1,66 @@
+"""Token -> adapter metadata for segment (SGMV-style) kernels, built on the tokens' device without host syncs.
+
+Tokens are grouped by user: segment u (0 <= u < U) holds the tokens of user u, segment U the tokens with no
+user (-1). Every tensor here has a shape known from (T, U, block) alone, so the whole layout can be captured
+in a CUDA graph or traced by torch.compile.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class TokenLayout(NamedTuple):
+    order: Tensor       # [T] int64: token indices sorted by user (stable; no-user tokens last)
+    seg_start: Tensor   # [U+1] int64: first position in `order` of each user's segment
+    seg_len: Tensor     # [U+1] int64: tokens of each user (the last entry: tokens with no user)
+
+
+def token_layout(user_ids: Tensor, num_users: int) -> TokenLayout:
+    """Sort tokens by user and describe the per-user segments."""
+    key = torch.where(user_ids < 0, num_users, user_ids.long())               # [T] -1 -> U (last)
+    order = torch.argsort(key, stable=True)                                   # [T]
+    seg_len = torch.bincount(key, minlength=num_users + 1)[: num_users + 1]   # [U+1]
+    seg_start = torch.cumsum(seg_len, 0) - seg_len                            # [U+1]
+    return TokenLayout(order, seg_start, seg_len)
+
+
+class BlockTable(NamedTuple):
+    """One row per program of a segment kernel: which user and which rows of `order` it owns."""
+
+    block_user: Tensor   # [P] int32: user of the block, -1 for an idle program
+    block_start: Tensor  # [P] int32: first position in `order`
+    block_end: Tensor    # [P] int32: one past the last position (<= block_start + block)
+
+
+def max_blocks(num_tokens: int, num_users: int, block: int) -> int:
+    """Static upper bound on the number of blocks: each segment adds at most one partial block."""
+    return -(-num_tokens // block) + min(num_tokens, num_users)
+
+
+def block_table(layout: TokenLayout, num_users: int, block: int) -> BlockTable:
+    """Split each user's segment into blocks of at most `block` tokens (no-user tokens get none).
+
+    The table has the static length :func:`max_blocks`; trailing programs are idle (block_user = -1).
+    """
+    T = layout.order.shape[0]
+    P = max(1, max_blocks(T, num_users, block))
+    if num_users == 0:
+        idle = torch.full((P,), -1, dtype=torch.int32, device=layout.order.device)
+        return BlockTable(idle, idle.clamp(min=0), idle.clamp(min=0))
+    seg_len = layout.seg_len[:num_users]                                       # [U]
+    nblk = (seg_len + block - 1) // block                                      # [U]
+    blk_end = torch.cumsum(nblk, 0)                                            # [U]
+    pid = torch.arange(P, device=layout.order.device)                          # [P]
+    user = torch.searchsorted(blk_end, pid, right=True)                        # [P]
+    active = user < num_users
+    user_c = user.clamp(max=max(num_users - 1, 0))
+    first_blk = blk_end[user_c] - nblk[user_c]
+    j = pid - first_blk                                                        # block index within segment
+    start = layout.seg_start[user_c] + j * block
+    end = torch.minimum(start + block, layout.seg_start[user_c] + layout.seg_len[user_c])
+    neg = torch.full_like(pid, -1)
+    return BlockTable(torch.where(active, user_c, neg).int(), torch.where(active, start, 0).int(),
+                      torch.where(active, end, 0).int())

@@ -1,0 +1,204 @@
+"""``routed_lora``: argument checks, backend dispatch, autograd and the ``torch.library`` custom op.
+
+Layering: checks.validate -> (custom op proper::routed_lora, autograd via proper::routed_lora_backward)
+-> backend.forward / backend.backward. Backends are modules with the functions
+
+    unavailable_reason(device) -> str | None     why the backend cannot run on that device (None: it can)
+    unsupported_reason(dtype) -> str | None      why it cannot run inputs of that dtype; optional
+    forward(problem) -> Tensor [T, d_out]
+    backward(grad_out, problem, needs) -> 7 gradients in checks.GRAD_NAMES order (None where not needed)
+
+and are imported lazily, so importing proper_kernels never imports Triton or a compiled library.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .checks import GRAD_NAMES, Problem, validate
+
+BACKENDS = {
+    "torch": "proper_kernels.reference",
+    "cpu": "proper_kernels.cpu",
+    "triton": "proper_kernels.triton",
+    "cuda": "proper_kernels.cuda",
+}
+# Fastest first, per device type; "torch" runs everywhere.
+_AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+
+def _backend_module(name: str):
+    if name not in BACKENDS:
+        raise ValueError(f"routed_lora: argument 'backend' must be one of {['auto', *BACKENDS]}, got {name!r}")
+    try:
+        return importlib.import_module(BACKENDS[name])
+    except ImportError as e:  # e.g. triton not installed
+        return _Missing(f"{name} backend cannot be imported: {e}")
+
+
+class _Missing:
+    def __init__(self, reason):
+        self.reason = reason
+
+    def unavailable_reason(self, device):
+        return self.reason
+
+
+def _why_not(name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    mod = _backend_module(name)
+    reason = mod.unavailable_reason(device)
+    if reason is None and dtype is not None and hasattr(mod, "unsupported_reason"):
+        reason = mod.unsupported_reason(dtype)
+    return reason
+
+
+def available_backends(device="cpu") -> List[str]:
+    """Names of the backends that can run on `device` (a torch.device or string), fastest first."""
+    device = torch.device(device)
+    order = _AUTO_ORDER.get(device.type, ("torch",))
+    rest = [n for n in BACKENDS if n not in order]
+    return [n for n in (*order, *rest) if _why_not(n, device) is None]
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(backend: str, device: str, dtype: torch.dtype) -> str:
+    device = torch.device(device)
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+            if _why_not(name, device, dtype) is None:
+                return name
+        return "torch"
+    reason = _why_not(backend, device, dtype)
+    if reason is not None:
+        raise RuntimeError(f"routed_lora: backend {backend!r} is not available for this call: {reason}")
+    return backend
+
+
+@torch.compiler.assume_constant_result
+def resolve_backend(backend: str, device: str, dtype: torch.dtype) -> str:
+    """The backend that runs inputs of this device and dtype: the fastest able for "auto", else the one asked.
+
+    Depends only on (backend, device, dtype), so torch.compile evaluates it once while tracing.
+    """
+    return _resolve(backend, device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------- custom op
+def _problem(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale, user_scale,
+             user_weight) -> Problem:
+    d_out = expert_b.shape[1] if expert_b is not None else user_b.shape[1]
+    return Problem(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale,
+                   user_scale, user_weight, d_out)
+
+
+@torch.library.custom_op("proper::routed_lora", mutates_args=())
+def _routed_lora_op(x: Tensor, expert_a: Optional[Tensor], expert_b: Optional[Tensor], gates: Optional[Tensor],
+                    user_a: Optional[Tensor], user_b: Optional[Tensor], user_ids: Optional[Tensor],
+                    user_ranks: Optional[Tensor], expert_scale: float, user_scale: Optional[Tensor],
+                    user_weight: Optional[Tensor], backend: str) -> Tensor:
+    p = _problem(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale, user_scale,
+                 user_weight)
+    if x.shape[0] == 0:
+        return x.new_zeros((0, p.d_out))
+    return _backend_module(backend).forward(p).contiguous()
+
+
+@_routed_lora_op.register_fake
+def _(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale, user_scale, user_weight,
+      backend):
+    d_out = expert_b.shape[1] if expert_b is not None else user_b.shape[1]
+    return x.new_empty((x.shape[0], d_out))
+
+
+@torch.library.custom_op("proper::routed_lora_backward", mutates_args=())
+def _routed_lora_backward_op(grad_out: Tensor, x: Tensor, expert_a: Optional[Tensor], expert_b: Optional[Tensor],
+                             gates: Optional[Tensor], user_a: Optional[Tensor], user_b: Optional[Tensor],
+                             user_ids: Optional[Tensor], user_ranks: Optional[Tensor], expert_scale: float,
+                             user_scale: Optional[Tensor], user_weight: Optional[Tensor], backend: str,
+                             needs: List[bool]) -> List[Tensor]:
+    p = _problem(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale, user_scale,
+                 user_weight)
+    inputs = p.differentiable()
+    needs = [bool(n) and t is not None for n, t in zip(needs, inputs)]
+    if x.shape[0] == 0 or not any(needs):
+        grads = [torch.zeros_like(t) if n else None for t, n in zip(inputs, needs)]
+    else:
+        grads = list(_backend_module(backend).backward(grad_out.contiguous(), p, tuple(needs)))
+    # A custom op returns tensors only: empty placeholders stand for "no gradient".
+    return [g.contiguous() if n else x.new_empty(0) for g, n in zip(grads, needs)]
+
+
+@_routed_lora_backward_op.register_fake
+def _(grad_out, x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale, user_scale,
+      user_weight, backend, needs):
+    inputs = (x, expert_a, expert_b, gates, user_a, user_b, user_weight)
+    return [t.new_empty(t.shape) if (n and t is not None) else x.new_empty(0) for t, n in zip(inputs, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs[:8]], inputs[9], inputs[10])
+    ctx.expert_scale = inputs[8]
+    ctx.backend = inputs[11]
+
+
+def _backward(ctx, grad_out):
+    (x, ea, eb, g, ua, ub, ids, ranks, us, uw) = ctx.saved_tensors
+    needs = [bool(n) for n in (ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 5, 10))]
+    grads = torch.ops.proper.routed_lora_backward(grad_out, x, ea, eb, g, ua, ub, ids, ranks, ctx.expert_scale,
+                                                  us, uw, ctx.backend, needs)
+    gx, gea, geb, gg, gua, gub, guw = [gr if n else None for gr, n in zip(grads, needs)]
+    return gx, gea, geb, gg, gua, gub, None, None, None, None, guw, None
+
+
+_routed_lora_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------ public API
+def routed_lora(x: Tensor, expert_a: Optional[Tensor], expert_b: Optional[Tensor], gates: Optional[Tensor],
+                user_a: Optional[Tensor], user_b: Optional[Tensor], user_ids: Optional[Tensor], *,
+                user_ranks: Optional[Tensor] = None, expert_scale: float = 1.0, user_scale=None,
+                user_weight: Optional[Tensor] = None, out: Optional[Tensor] = None, backend: str = "auto",
+                check_values: bool = True) -> Tensor:
+    """Routed multi-LoRA delta for a batch of tokens from many users.
+
+    Semantics, for every token t with u = user_ids[t]:
+
+        delta[t] = s_e * sum_k gates[t,k] * B_k (A_k x[t])
+                 + [u >= 0] * w[t] * s_u[u] * B_u[:, :r_u] (A_u[:r_u] x[t])
+
+    Shapes: x [T, d_in]; expert_a [K, r_e, d_in]; expert_b [K, d_out, r_e]; gates [T, K]; user_a
+    [U, r_max, d_in]; user_b [U, d_out, r_max]; user_ids [T] (-1 = no user); user_ranks [U]; user_scale float or
+    [U]; user_weight [T]. Either part may be None. Zero gates are structural (no term, no gradient); padded rank
+    rows are never read. Accumulates in fp32; returns x's dtype. With ``out`` the delta is added into it in
+    place and ``out`` is returned. ``backend``: "auto" | "torch" | "cpu" | "triton" | "cuda".
+    ``check_values=False`` skips the value checks that need a host sync (ids and ranks in range).
+    Differentiable w.r.t. x, expert_a, expert_b, gates, user_a, user_b and user_weight.
+    """
+    check_values = check_values and not torch.compiler.is_compiling()
+    p = validate(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks=user_ranks,
+                 expert_scale=expert_scale, user_scale=user_scale, user_weight=user_weight, out=out,
+                 check_values=check_values)
+    name = resolve_backend(backend, str(x.device), x.dtype)
+    delta = torch.ops.proper.routed_lora(p.x, p.expert_a, p.expert_b, p.gates, p.user_a, p.user_b, p.user_ids,
+                                         p.user_ranks, p.expert_scale, p.user_scale, p.user_weight, name)
+    if out is not None:
+        return out.add_(delta)
+    return delta
+
+
+def routed_lora_reference(x, expert_a, expert_b, gates, user_a, user_b, user_ids, **kwargs) -> Tensor:
+    """The reference semantics as plain differentiable torch ops (no custom op): the oracle for tests."""
+    from . import reference
+
+    out = kwargs.pop("out", None)
+    p = validate(x, expert_a, expert_b, gates, user_a, user_b, user_ids, out=out, **kwargs)
+    delta = reference.forward(p)
+    return out.add_(delta) if out is not None else delta
+
+
+__all__: Sequence[str] = ("routed_lora", "routed_lora_reference", "available_backends", "resolve_backend",
+                          "BACKENDS", "GRAD_NAMES")
