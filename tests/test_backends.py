@@ -1,0 +1,66 @@
+"""Every backend available on this machine against the fp64 oracle: forward and every gradient.
+
+Triton runs in its own file (under TRITON_INTERPRET=1, in a subprocess); this grid covers the in-process
+backends: the torch reference itself and the compiled cpu extension when it is built.
+"""
+import pytest
+import torch
+
+import proper_kernels as pk
+from cases import POPULARITY, check_backend, make_case
+
+BACKENDS = [b for b in pk.available_backends("cpu") if b in ("torch", "cpu")]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _skip_unsupported(backend, dtype):
+    mod = pk.op._backend_module(backend)
+    if hasattr(mod, "unsupported_reason") and mod.unsupported_reason(dtype):
+        pytest.skip(mod.unsupported_reason(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("popularity", POPULARITY)
+def test_popularity_dtypes(backend, dtype, popularity):
+    _skip_unsupported(backend, dtype)
+    check_backend(backend, make_case(T=37, popularity=popularity, dtype=dtype, seed=3), f"{backend}/{popularity}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K", [0, 1, 8])
+@pytest.mark.parametrize("T", [1, 133])
+def test_shapes_and_experts(backend, K, T):
+    check_backend(backend, make_case(T=T, d_in=67, d_out=33, K=K, U=9, r_max=64, r_e=16, seed=T + K))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_odd_hidden_2049(backend, dtype):
+    _skip_unsupported(backend, dtype)
+    check_backend(backend, make_case(T=5, d_in=2049, d_out=2049, K=2, r_e=4, U=3, r_max=8, dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["full_ranks", "users_only", "experts_only", "float_scale", "no_weight",
+                                     "dense_gates", "nan_mixed_ranks_1_64"])
+def test_variants(backend, variant):
+    kw = {
+        "full_ranks": dict(ranks="full", nan_pad=False),
+        "users_only": dict(K=0),
+        "experts_only": dict(users=False),
+        "float_scale": dict(user_scale=2.0),
+        "no_weight": dict(user_weight=False, user_scale=None),
+        "dense_gates": dict(top_k=0),
+        "nan_mixed_ranks_1_64": dict(U=12, r_max=64, ranks=[1, 2, 3, 4, 8, 15, 16, 17, 31, 33, 63, 64]),
+    }[variant]
+    check_backend(backend, make_case(T=41, **kw), f"{backend}/{variant}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_groups_and_unused_users(backend):
+    """Experts no token selects and users with no token get zero gradients (not garbage)."""
+    case = make_case(T=20, K=6, U=10, top_k=2)
+    case["gates"][:, 4:] = 0                 # experts 4, 5: empty groups
+    case["user_ids"] = case["user_ids"] % 3  # users 3..9: no tokens
+    check_backend(backend, case)
