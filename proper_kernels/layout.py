@@ -22,7 +22,9 @@ def token_layout(user_ids: Tensor, num_users: int) -> TokenLayout:
     """Sort tokens by user and describe the per-user segments."""
     key = torch.where(user_ids < 0, num_users, user_ids.long())               # [T] -1 -> U (last)
     order = torch.argsort(key, stable=True)                                   # [T]
-    seg_len = torch.bincount(key, minlength=num_users + 1)[: num_users + 1]   # [U+1]
+    # scatter_add, not bincount: CUDA bincount reads the max id back to the host (a sync, no graph capture)
+    seg_len = torch.zeros(num_users + 1, dtype=torch.int64, device=key.device)
+    seg_len.scatter_add_(0, key, torch.ones_like(key))                        # [U+1]
     seg_start = torch.cumsum(seg_len, 0) - seg_len                            # [U+1]
     return TokenLayout(order, seg_start, seg_len)
 
@@ -40,27 +42,50 @@ def max_blocks(num_tokens: int, num_users: int, block: int) -> int:
     return -(-num_tokens // block) + min(num_tokens, num_users)
 
 
-def block_table(layout: TokenLayout, num_users: int, block: int) -> BlockTable:
+def block_table(layout: TokenLayout, num_users: int, block: int, *, include_no_user: bool = False) -> BlockTable:
     """Split each user's segment into blocks of at most `block` tokens (no-user tokens get none).
 
     The table has the static length :func:`max_blocks`; trailing programs are idle (block_user = -1).
+    With ``include_no_user`` the no-user segment (index U) is split too, its blocks have block_user = U (a
+    kernel that also computes the expert term needs every token), and the length is
+    ``max_blocks(T, U + 1, block)``.
     """
     T = layout.order.shape[0]
-    P = max(1, max_blocks(T, num_users, block))
-    if num_users == 0:
-        idle = torch.full((P,), -1, dtype=torch.int32, device=layout.order.device)
+    nseg = num_users + 1 if include_no_user else num_users                   # segments that get blocks
+    P = max(1, max_blocks(T, nseg, block))
+    dev = layout.order.device
+    if nseg == 0:
+        idle = torch.full((P,), -1, dtype=torch.int32, device=dev)
         return BlockTable(idle, idle.clamp(min=0), idle.clamp(min=0))
-    seg_len = layout.seg_len[:num_users]                                       # [U]
-    nblk = (seg_len + block - 1) // block                                      # [U]
-    blk_end = torch.cumsum(nblk, 0)                                            # [U]
-    pid = torch.arange(P, device=layout.order.device)                          # [P]
-    user = torch.searchsorted(blk_end, pid, right=True)                        # [P]
-    active = user < num_users
-    user_c = user.clamp(max=max(num_users - 1, 0))
-    first_blk = blk_end[user_c] - nblk[user_c]
+    seg_len = layout.seg_len[:nseg]                                            # [S]
+    nblk = (seg_len + block - 1) // block                                      # [S]
+    blk_end = torch.cumsum(nblk, 0)                                            # [S]
+    pid = torch.arange(P, device=dev)                                          # [P]
+    seg = torch.searchsorted(blk_end, pid, right=True)                         # [P]
+    active = seg < nseg
+    seg_c = seg.clamp(max=nseg - 1)
+    first_blk = blk_end[seg_c] - nblk[seg_c]
     j = pid - first_blk                                                        # block index within segment
-    start = layout.seg_start[user_c] + j * block
-    end = torch.minimum(start + block, layout.seg_start[user_c] + layout.seg_len[user_c])
+    start = layout.seg_start[seg_c] + j * block
+    end = torch.minimum(start + block, layout.seg_start[seg_c] + layout.seg_len[seg_c])
     neg = torch.full_like(pid, -1)
-    return BlockTable(torch.where(active, user_c, neg).int(), torch.where(active, start, 0).int(),
+    return BlockTable(torch.where(active, seg_c, neg).int(), torch.where(active, start, 0).int(),
                       torch.where(active, end, 0).int())
+
+
+def active_users(layout: TokenLayout, num_users: int) -> Tensor:
+    """Users that own at least one token, ascending, padded with -1 to the static length max(1, min(T, U)).
+
+    A per-user reduction kernel launches one program row per entry, so its grid scales with the tokens of
+    the batch, not with the size of the user table.  # [max(1, min(T, U))] int32
+    """
+    T = layout.order.shape[0]
+    n = max(1, min(T, num_users))
+    dev = layout.order.device
+    out = torch.full((n + 1,), -1, dtype=torch.int64, device=dev)              # slot n: dump for empty users
+    if num_users == 0:
+        return out[:n].int()
+    has = layout.seg_len[:num_users] > 0                                       # [U]
+    slot = torch.where(has, torch.cumsum(has, 0) - 1, n)                       # [U] rank among active users
+    out.scatter_(0, slot, torch.arange(num_users, device=dev))
+    return out[:n].int()

@@ -136,3 +136,13 @@ def test_empty_batch():
     assert y.shape == (0, 40)
     y.sum().backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("popularity", ["uniform", "half_none"])
+def test_naive_loop_baseline_matches_reference(popularity):
+    from proper_kernels.baselines import naive_loop
+
+    case = make_case(T=29, popularity=popularity, dtype=torch.float64, nan_pad=True)
+    args = [case[k] for k in ("x", "expert_a", "expert_b", "gates", "user_a", "user_b", "user_ids")]
+    kw = {k: case[k] for k in ("user_ranks", "expert_scale", "user_scale", "user_weight")}
+    torch.testing.assert_close(naive_loop(*args, **kw), loop_oracle(case), rtol=1e-10, atol=1e-10)

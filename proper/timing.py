@@ -1,0 +1,73 @@
+"""Wall-clock timing and peak-memory measurement shared by the demo, the CLI and the benchmarks."""
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import threading
+import time
+from typing import Callable, Dict
+
+import torch
+
+
+def _sync(device: str | None):
+    if device and device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 2, min_reps: int = 5, min_seconds: float = 0.3,
+            max_reps: int = 200, device: str | None = None) -> Dict[str, float]:
+    """Median / min milliseconds of `fn()` over at least `min_reps` runs and `min_seconds` of timing."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < min_seconds and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(times), "min_ms": min(times), "reps": len(times)}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str | None = None) -> float:
+    """Peak memory `fn()` adds above what was in use before, in MiB.
+
+    CUDA: the caching allocator's peak counter. CPU: the process's resident set sampled every 0.2 ms by a
+    thread (torch's CPU allocator keeps no statistics; large tensors are mmap'd, so RSS follows them).
+    """
+    if device and device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if not os.path.exists("/proc/self/statm"):
+        return float("nan")
+    gc.collect()
+    base = peak = _rss_bytes()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(2e-4)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        th.join()
+    peak = max(peak, _rss_bytes())
+    return (peak - base) / 2**20
