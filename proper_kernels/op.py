@@ -196,7 +196,7 @@ def routed_lora_reference(x, expert_a, expert_b, gates, user_a, user_b, user_ids
 
     out = kwargs.pop("out", None)
     p = validate(x, expert_a, expert_b, gates, user_a, user_b, user_ids, out=out, **kwargs)
-    delta = reference.forward(p)
+    delta = reference.forward(p, strategy="gather")
     return out.add_(delta) if out is not None else delta
 
 

@@ -79,6 +79,45 @@ def _user_chunks(x, user_a, user_b, uid, valid, user_ranks, acc):
         yield sl, a, b
 
 
+# The "dense over present users" strategy: one GEMM against the stacked adapters of the n users present in
+# the batch, then each token keeps its own user's block. It costs n times the FLOPs of the gathered path but
+# runs as two wide GEMMs, which wins when n * r_max is small (prefill: few users, many tokens each).
+DENSE_MAX_WIDTH = 512
+
+
+def _present_users(user_a, user_b, uniq, user_ranks, acc):
+    """Stacked, rank-masked adapters of the users `uniq`. a: [n*r, d_in], b: [n*r, d_out]."""
+    n, r_max = uniq.shape[0], user_a.shape[1]
+    a, b = user_a[uniq].to(acc), user_b[uniq].to(acc).transpose(1, 2)      # [n, r, d_in], [n, r, d_out]
+    if user_ranks is not None:
+        keep = (torch.arange(r_max, device=uniq.device)[None, :] < user_ranks.long()[uniq, None])[..., None]
+        a, b = torch.where(keep, a, 0.0), torch.where(keep, b, 0.0)
+    return a.reshape(n * r_max, -1), b.reshape(n * r_max, -1)
+
+
+def _own_block(wide, inv, r_max):
+    """[T, n*r] -> [T, r]: each token's own user's block."""
+    T = wide.shape[0]
+    return wide.view(T, -1, r_max).gather(1, inv.view(T, 1, 1).expand(T, 1, r_max)).squeeze(1)
+
+
+def _spread(h, inv, n):
+    """[T, r] -> [T, n*r]: h placed in each token's own user's block, zeros elsewhere."""
+    T, r_max = h.shape
+    z = h.new_zeros(T, n, r_max)
+    return z.scatter_(1, inv.view(T, 1, 1).expand(T, 1, r_max), h.unsqueeze(1)).view(T, n * r_max)
+
+
+def _dense_plan(p: Problem, uid, strategy: str):
+    """(uniq, inv) when the dense strategy is used, else None. strategy: "auto" | "dense" | "gather"."""
+    if strategy == "gather":
+        return None
+    uniq, inv = torch.unique(uid, return_inverse=True)                     # host sync: torch backend only
+    if strategy == "auto" and uniq.numel() * p.user_a.shape[1] > DENSE_MAX_WIDTH:
+        return None
+    return uniq, inv
+
+
 def user_delta(x: Tensor, user_a: Tensor, user_b: Tensor, user_ids: Tensor, user_ranks: Optional[Tensor],
                user_scale: Optional[Tensor], user_weight: Optional[Tensor]) -> Tensor:
     """[u >= 0] w[t] s_u[u] B_u[:, :r_u] A_u[:r_u] x[t], in the accumulation dtype.  # [T, d_out]"""
@@ -93,18 +132,31 @@ def user_delta(x: Tensor, user_a: Tensor, user_b: Tensor, user_ids: Tensor, user
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def forward(p: Problem) -> Tensor:
-    """The reference result of a validated problem, in x's dtype.  # [T, d_out]"""
+def forward(p: Problem, strategy: str = "auto") -> Tensor:
+    """The reference result of a validated problem, in x's dtype.  # [T, d_out]
+
+    strategy (user term): "gather" (per-token gathered adapters: the oracle), "dense" (one GEMM over the users
+    present) or "auto" (dense when n_present * r_max <= DENSE_MAX_WIDTH). All give the same semantics.
+    """
     acc = _acc_dtype(p.x)
     y = torch.zeros(p.x.shape[0], p.d_out, dtype=acc, device=p.x.device)
     if p.has_experts:
         y = y + expert_delta(p.x, p.expert_a, p.expert_b, p.gates, p.expert_scale)
     if p.has_users:
-        y = y + user_delta(p.x, p.user_a, p.user_b, p.user_ids, p.user_ranks, p.user_scale, p.user_weight)
+        coef, uid, valid = _user_coef(p.user_ids, p.user_scale, p.user_weight, p.x.shape[0], acc, p.x.device)
+        plan = _dense_plan(p, uid, strategy)
+        if plan is None:
+            y = y + user_delta(p.x, p.user_a, p.user_b, p.user_ids, p.user_ranks, p.user_scale, p.user_weight)
+        else:
+            uniq, inv = plan
+            a, b = _present_users(p.user_a, p.user_b, uniq, p.user_ranks, acc)  # [n*r, d_in], [n*r, d_out]
+            h = _own_block(p.x.to(acc) @ a.t(), inv, p.user_a.shape[1])          # [T, r] shrink
+            h = torch.where(valid[:, None], h, 0.0) * coef[:, None]
+            y = y + _spread(h, inv, uniq.numel()) @ b                            # [T, d_out] expand
     return y.to(p.x.dtype)
 
 
-def backward(grad_out: Tensor, p: Problem, needs):
+def backward(grad_out: Tensor, p: Problem, needs, strategy: str = "auto"):
     """Hand-written gradients of :func:`forward` in GRAD_NAMES order (None where not needed), fp32 accumulation.
 
     Tests check these against autograd through :func:`forward` (and gradcheck in fp64).
@@ -141,19 +193,38 @@ def backward(grad_out: Tensor, p: Problem, needs):
         d_ua = torch.zeros(p.user_a.shape, dtype=acc, device=x.device) if needs[4] else None
         d_ub = torch.zeros(p.user_b.shape, dtype=acc, device=x.device) if needs[5] else None
         d_w = torch.zeros(T, dtype=acc, device=x.device) if needs[6] else None
-        for sl, a, b in _user_chunks(x, p.user_a, p.user_b, uid, valid, p.user_ranks, acc):
-            h = torch.bmm(a, x[sl].unsqueeze(-1)).squeeze(-1)               # [t, r] = A x
-            c = (coef[sl] * w[sl])[:, None]                                 # [t, 1]
-            dhc = torch.bmm(b.transpose(1, 2), dy[sl].unsqueeze(-1)).squeeze(-1)  # [t, r] = B^T dy
+        plan = _dense_plan(p, uid, strategy)
+        if plan is not None:
+            uniq, inv = plan
+            a, b = _present_users(p.user_a, p.user_b, uniq, p.user_ranks, acc)  # [n*r, d_in], [n*r, d_out]
+            n = uniq.numel()
+            h = torch.where(valid[:, None], _own_block(x @ a.t(), inv, r_max), 0.0)  # [T, r] = A x
+            dhc = _own_block(dy @ b.t(), inv, r_max)                         # [T, r] = B^T dy
+            c = (coef * w)[:, None]                                          # [T, 1]
             if d_w is not None:
-                d_w[sl] = (dhc * h).sum(-1) * coef[sl]
+                d_w = (dhc * h).sum(-1) * coef
             if d_ub is not None:
-                d_ub.index_add_(0, uid[sl], dy[sl, :, None] * (h * c)[:, None, :])
-            dh = dhc * c                                                    # [t, r]
+                d_bn = (_spread(h * c, inv, n).t() @ dy).view(n, r_max, -1)  # [n, r, d_out]
+                d_ub.index_add_(0, uniq, d_bn.transpose(1, 2))
+            dz = _spread(dhc * c, inv, n)                                    # [T, n*r]
             if d_ua is not None:
-                d_ua.index_add_(0, uid[sl], dh[:, :, None] * x[sl, None, :])
+                d_ua.index_add_(0, uniq, (dz.t() @ x).view(n, r_max, -1))
             if dx is not None:
-                dx[sl] += torch.bmm(a.transpose(1, 2), dh.unsqueeze(-1)).squeeze(-1)
+                dx += dz @ a
+        else:
+            for sl, a, b in _user_chunks(x, p.user_a, p.user_b, uid, valid, p.user_ranks, acc):
+                h = torch.bmm(a, x[sl].unsqueeze(-1)).squeeze(-1)               # [t, r] = A x
+                c = (coef[sl] * w[sl])[:, None]                                 # [t, 1]
+                dhc = torch.bmm(b.transpose(1, 2), dy[sl].unsqueeze(-1)).squeeze(-1)  # [t, r] = B^T dy
+                if d_w is not None:
+                    d_w[sl] = (dhc * h).sum(-1) * coef[sl]
+                if d_ub is not None:
+                    d_ub.index_add_(0, uid[sl], dy[sl, :, None] * (h * c)[:, None, :])
+                dh = dhc * c                                                    # [t, r]
+                if d_ua is not None:
+                    d_ua.index_add_(0, uid[sl], dh[:, :, None] * x[sl, None, :])
+                if dx is not None:
+                    dx[sl] += torch.bmm(a.transpose(1, 2), dh.unsqueeze(-1)).squeeze(-1)
 
     grads = (dx, d_ea, d_eb, d_g, d_ua, d_ub, d_w)
     return tuple(None if (gr is None or not n) else gr.to(t.dtype)

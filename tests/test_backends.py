@@ -9,8 +9,20 @@ import torch
 import proper_kernels as pk
 from cases import POPULARITY, check_backend, make_case
 
-BACKENDS = [b for b in pk.available_backends("cpu") if b in ("torch", "cpu")]
+# The torch backend runs in both of its user-term strategies (gathered adapters / dense over present users).
+BACKENDS = ["torch-gather", "torch-dense"] + [b for b in pk.available_backends("cpu") if b == "cpu"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    from proper_kernels import reference
+
+    name = request.param
+    if name.startswith("torch-"):
+        monkeypatch.setattr(reference, "DENSE_MAX_WIDTH", 0 if name == "torch-gather" else 1 << 30)
+        return "torch"
+    return name
 
 
 def _skip_unsupported(backend, dtype):
@@ -19,7 +31,6 @@ def _skip_unsupported(backend, dtype):
         pytest.skip(mod.unsupported_reason(dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("popularity", POPULARITY)
 def test_popularity_dtypes(backend, dtype, popularity):
@@ -27,21 +38,18 @@ def test_popularity_dtypes(backend, dtype, popularity):
     check_backend(backend, make_case(T=37, popularity=popularity, dtype=dtype, seed=3), f"{backend}/{popularity}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("K", [0, 1, 8])
 @pytest.mark.parametrize("T", [1, 133])
 def test_shapes_and_experts(backend, K, T):
     check_backend(backend, make_case(T=T, d_in=67, d_out=33, K=K, U=9, r_max=64, r_e=16, seed=T + K))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_odd_hidden_2049(backend, dtype):
     _skip_unsupported(backend, dtype)
     check_backend(backend, make_case(T=5, d_in=2049, d_out=2049, K=2, r_e=4, U=3, r_max=8, dtype=dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", ["full_ranks", "users_only", "experts_only", "float_scale", "no_weight",
                                      "dense_gates", "nan_mixed_ranks_1_64"])
 def test_variants(backend, variant):
@@ -57,7 +65,6 @@ def test_variants(backend, variant):
     check_backend(backend, make_case(T=41, **kw), f"{backend}/{variant}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_groups_and_unused_users(backend):
     """Experts no token selects and users with no token get zero gradients (not garbage)."""
     case = make_case(T=20, K=6, U=10, top_k=2)
