@@ -49,7 +49,7 @@ def _rss_bytes() -> int:
 def peak_memory_mb(fn: Callable[[], object], device: str | None = None) -> float:
     """Peak memory `fn()` adds above what was in use before, in MiB.
 
-    CUDA: the caching allocator's peak counter. CPU: the process's resident set sampled every 0.2 ms by a
+    CUDA: the caching allocator's peak counter. CPU: the process's resident set sampled every millisecond by a
     thread (torch's CPU allocator keeps no statistics; large tensors are mmap'd, so RSS follows them).
     """
     if device and device.startswith("cuda"):
@@ -70,7 +70,7 @@ def peak_memory_mb(fn: Callable[[], object], device: str | None = None) -> float
         nonlocal peak
         while not done.is_set():
             peak = max(peak, _rss_bytes())
-            time.sleep(2e-4)
+            time.sleep(1e-3)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
