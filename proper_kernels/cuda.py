@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from .layout import TokenLayout, block_table
+from .layout import TokenLayout, block_table, token_layout
 
 # Token blocks of the segment tables (the binding exports the values the kernels were tuned for).
 _BLOCK_TOKENS = 16
@@ -47,21 +47,6 @@ def unsupported_reason(dtype: torch.dtype):
     if dtype not in _DTYPES:
         return f"the cuda backend supports float32, float16 and bfloat16, got {dtype}"
     return None
-
-
-def token_layout(user_ids: torch.Tensor, num_users: int) -> TokenLayout:
-    """Tokens sorted by user (no-user tokens last) and the U + 1 segments, without a host sync.
-
-    Ids outside [0, U) count as "no user", as the kernels treat them (they can only get here with
-    ``check_values=False``).
-    """
-    ids = user_ids.long()
-    key = torch.where((ids >= 0) & (ids < num_users), ids, torch.full_like(ids, num_users))   # [T]
-    order = torch.argsort(key, stable=True)                                                   # [T]
-    seg_len = torch.zeros(num_users + 1, dtype=torch.int64, device=ids.device)
-    seg_len.scatter_add_(0, key, torch.ones_like(key))                                        # [U+1]
-    seg_start = torch.cumsum(seg_len, 0) - seg_len                                            # [U+1]
-    return TokenLayout(order, seg_start, seg_len)
 
 
 def _tables(layout: TokenLayout, num_users: int, block: int):

@@ -19,8 +19,13 @@ class TokenLayout(NamedTuple):
 
 
 def token_layout(user_ids: Tensor, num_users: int) -> TokenLayout:
-    """Sort tokens by user and describe the per-user segments."""
-    key = torch.where(user_ids < 0, num_users, user_ids.long())               # [T] -1 -> U (last)
+    """Sort tokens by user and describe the per-user segments.
+
+    Ids outside [0, U) count as "no user" (they only get here with check_values=False): never an
+    out-of-bounds segment in a kernel.
+    """
+    ids = user_ids.long()
+    key = torch.where((ids >= 0) & (ids < num_users), ids, torch.full_like(ids, num_users))  # [T] -1 -> U
     order = torch.argsort(key, stable=True)                                   # [T]
     # scatter_add, not bincount: CUDA bincount reads the max id back to the host (a sync, no graph capture)
     seg_len = torch.zeros(num_users + 1, dtype=torch.int64, device=key.device)
