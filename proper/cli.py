@@ -13,7 +13,7 @@ log = logging.getLogger("proper")
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(quick=args.quick, skip_model=args.op_only, users=args.users)
+    return run_demo(quick=args.quick, skip_model=args.op_only, users=args.users, out=args.out)
 
 
 def _cmd_bench(args) -> int:
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="smaller sizes (CI smoke run)")
     d.add_argument("--op-only", action="store_true", help="only the layer-level op part")
     d.add_argument("--users", type=int, default=4, help="users to personalise in the model part")
+    d.add_argument("--out", default=None, help="folder for the demo's training run (default: a temp folder)")
     d.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bench", help="a quick subset of the benchmark suite; prints the table")
