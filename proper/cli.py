@@ -62,6 +62,20 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .train import summary_table
+
+    path = Path(args.run_dir) / "metrics.json"
+    if not path.is_file():
+        print(f"proper eval: {path} does not exist (run `proper train --out {args.run_dir}` first)", file=sys.stderr)
+        return 2
+    print(summary_table(json.loads(path.read_text())))
+    return 0
+
+
 def _delegate(module: str, func: str):
     """Subcommands implemented elsewhere in the package, imported only when used."""
 
@@ -104,12 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     g.set_defaults(func=_cmd_generate)
 
-    for name, module, func, help_ in (
-            ("train", "proper.train", "cli_train", "three-stage PROPER training on per-user data"),
-            ("eval", "proper.train", "cli_eval", "print the systems table of a trained run directory")):
-        sp = sub.add_parser(name, help=help_, add_help=False)
-        sp.add_argument("rest", nargs=argparse.REMAINDER)
-        sp.set_defaults(func=_delegate(module, func))
+    from .train import add_train_arguments
+
+    t = add_train_arguments(sub.add_parser("train", help="three-stage PROPER training on per-user data"))
+    t.set_defaults(func=_delegate("proper.train", "run_train_args"))
+    e = sub.add_parser("eval", help="print the systems table of a trained run directory")
+    e.add_argument("run_dir")
+    e.set_defaults(func=_cmd_eval)
     return p
 
 

@@ -38,7 +38,6 @@ examples for the dev/test hold-out) is such a problem: an error, or a counted sk
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -321,16 +320,27 @@ LAMP_PROFILE_PROMPTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Mapping[str, An
 }
 
 
-def _lamp_task_from_keys(keys: Iterable[str]) -> Optional[str]:
-    keys = set(keys)
-    for task in ("LaMP_3", "LaMP_2", "LaMP_1"):   # unambiguous key sets first
-        if set(LAMP_PROFILE_PROMPTS[task][0]) <= keys:
-            return task
+def _lamp_task_from_keys(keys: Iterable[str], question: str = "") -> Optional[str]:
+    """The LaMP task from one profile item's keys, and the question text where keys are shared by two tasks
+    (LaMP-1 / LaMP-5 profiles are both papers; LaMP-4 / LaMP-6 both text + title). ``None`` if unsure."""
+    keys, q = set(keys), question.lower()
+    if {"text", "score"} <= keys:
+        return "LaMP_3"
+    if {"description", "tag"} <= keys:
+        return "LaMP_2"
     if {"abstract", "title"} <= keys:
-        return "LaMP_5"
+        if "generate a title" in q:
+            return "LaMP_5"
+        if "reference" in q:
+            return "LaMP_1"
+        return None
     if {"text", "title"} <= keys:
-        return "LaMP_4"
-    if "text" in keys:
+        if "headline" in q:
+            return "LaMP_4"
+        if "subject" in q or "email" in q:
+            return "LaMP_6"
+        return None
+    if keys & {"text"} and not keys & {"title", "score", "tag", "abstract"}:
         return "LaMP_7"
     return None
 
@@ -405,16 +415,16 @@ def read_lamp(questions_path: PathLike, outputs_path: Optional[PathLike] = None,
             golds[str(g["id"])] = g["output"]
     task = task or out_task
     if task is None:
-        keys = set()
+        keys, qtext = set(), ""
         for q in questions:
-            for p in (q.get("profile") or [])[:1] if isinstance(q, dict) else []:
-                if isinstance(p, dict):
-                    keys |= set(p)
-            if keys:
+            prof = q.get("profile") if isinstance(q, dict) else None
+            if isinstance(prof, list) and prof and isinstance(prof[0], dict):
+                keys, qtext = set(prof[0]), str(q.get("input", ""))
                 break
-        task = _lamp_task_from_keys(keys)
+        task = _lamp_task_from_keys(keys, qtext)
         if task is None:
-            raise DataError(f"{qpath}: cannot tell the LaMP task from the profile keys {sorted(keys)}; "
+            raise DataError(f"{qpath}: cannot tell the LaMP task from the profile keys {sorted(keys)} "
+                            f"and the question text; "
                             f"pass task= one of {sorted(LAMP_PROFILE_PROMPTS)}")
     if task not in LAMP_PROFILE_PROMPTS:
         raise DataError(f"{qpath}: unknown LaMP task {task!r}; known: {sorted(LAMP_PROFILE_PROMPTS)}")
@@ -539,14 +549,15 @@ def movie_title(raw: str) -> str:
 
 
 def movielens_prompt(title: str, year: Optional[str], genres: Sequence[str]) -> str:
-    """The rating prompt, LaMP-3 style: the movie's title, year and genres, ending in ``"score: "`` so the next
-    token is the rating digit. Unknown year/genres are left out rather than written as ``unknown``."""
+    """The rating prompt, LaMP-3 style (an instruction, the item, ``"score: "`` so the next token is the rating
+    digit) from the movie's title, year and genres. Kept short (about 35 SmolLM2 tokens on average) because
+    every prompt token costs a forward and backward pass through the whole model. Unknown year/genres are left
+    out rather than written as ``unknown``."""
     head = movie_title(title)
     if year and year.isdigit():
         head += f" ({year})"
     g = [x for x in genres if x and x.lower() != "unknown"]
-    lines = ["How would this user rate the following movie on a scale of 1 to 5? Just answer with 1, 2, 3, 4, "
-             "or 5 without further explanation.", f"movie: {head}"]
+    lines = ["Rate this movie from 1 to 5.", f"movie: {head}"]
     if g:
         lines.append("genres: " + ", ".join(g))
     return "\n".join(lines) + "\nscore: "
