@@ -45,7 +45,7 @@ def extension_setup():
     here = os.path.dirname(os.path.abspath(__file__))
     rel = lambda pattern: sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, pattern)))
     sources = rel("csrc/bindings.cpp") + rel("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-DNDEBUG"]  # torch 2.13 headers expect C++20
     define_macros = []
     ext_cls = cpp_extension.CppExtension
     extra = {"cxx": cxx_flags}

@@ -32,6 +32,16 @@ def _tokenizer(path: str):
     return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
 
 
+def load_smollm2_tokenizer():
+    """SmolLM2's tokenizer from the shipped GGUF (cached), set up for batched generation: left padding."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tok = _tokenizer(str(smollm2_gguf()))
+    tok.padding_side = "left"   # batched generation needs the prompt ends aligned
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_smollm2(dtype=None, tokenizer: bool = True) -> Tuple[object, object]:
     """(model, tokenizer) for SmolLM2-135M-Instruct, dequantised from the shipped Q4_1 GGUF to fp32.
 
@@ -45,9 +55,4 @@ def load_smollm2(dtype=None, tokenizer: bool = True) -> Tuple[object, object]:
     model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
                                                  dtype=dtype or torch.float32)
     model.eval()
-    tok = _tokenizer(str(p)) if tokenizer else None
-    if tok is not None:
-        tok.padding_side = "left"   # batched generation needs the prompt ends aligned
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-    return model, tok
+    return model, (load_smollm2_tokenizer() if tokenizer else None)

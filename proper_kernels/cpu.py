@@ -1,9 +1,15 @@
-"""The ``cpu`` backend: the compiled C++ extension (csrc/cpu), OpenMP + vectorised, fp32/bf16 inputs."""
+"""The ``cpu`` backend: the compiled C++ extension (csrc/cpu), OpenMP + vectorised, fp32/bf16 inputs.
+
+The micro-kernels (AVX-512, AVX2+FMA or portable) are chosen at run time from what the CPU supports;
+``PROPER_CPU_ISA=avx2|avx512|generic`` forces one (for tests), and :func:`isa` reports the one in use. The thread
+count is torch's (``torch.set_num_threads``); results do not depend on it.
+"""
 from __future__ import annotations
 
 import torch
 
 from . import _ext
+from .checks import Problem
 
 
 def unavailable_reason(device: torch.device):
@@ -20,9 +26,36 @@ def unsupported_reason(dtype: torch.dtype):
     return None
 
 
-def forward(p):
-    raise NotImplementedError
+def isa() -> str:
+    """The micro-kernel instruction set in use: "avx512", "avx2" or "generic"."""
+    return _ext.load().cpu_isa()
 
 
-def backward(grad_out, p, needs):
-    raise NotImplementedError
+def set_isa(name: str) -> str:
+    """Select the micro-kernels ("auto", "avx512", "avx2", "generic"); raises if this CPU cannot run them."""
+    return _ext.load().cpu_set_isa(name)
+
+
+def supported_isas():
+    return list(_ext.load().cpu_supported_isas())
+
+
+def _args(p: Problem):
+    """The problem as the extension takes it: contiguous tensors, fp32 gates / weights, int64 ids / ranks."""
+    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
+    i64 = lambda t: None if t is None else t.to(torch.int64).contiguous()  # noqa: E731
+    return (c(p.x), c(p.expert_a), c(p.expert_b), f32(p.gates), c(p.user_a), c(p.user_b), i64(p.user_ids),
+            i64(p.user_ranks), float(p.expert_scale), f32(p.user_scale), f32(p.user_weight), int(p.d_out))
+
+
+def forward(p: Problem) -> torch.Tensor:
+    return _ext.load().cpu_forward(*_args(p))
+
+
+def backward(grad_out: torch.Tensor, p: Problem, needs):
+    grad_out = grad_out.to(p.x.dtype).contiguous()
+    grads = _ext.load().cpu_backward(grad_out, *_args(p), [bool(n) for n in needs])
+    # d(gates) and d(user_weight) come back in fp32; every gradient takes its input's dtype
+    return tuple(None if (g is None or not n) else (g if g.dtype == t.dtype else g.to(t.dtype))
+                 for g, n, t in zip(grads, needs, p.differentiable()))

@@ -1,0 +1,313 @@
+"""Benchmark of the routed_lora CPU backend against the torch reference and a naive per-adapter loop.
+
+    python benchmarks/bench_op_cpu.py [--out bench_results/] [--rounds 9] [--quick]
+
+One layer, d_in = d_out = 2048, K = 8 group experts of rank 16 with top-2 gates, user adapters of rank 16, fp32:
+
+  decode   64 tokens from 64 distinct users (one token each)
+  prefill  2048 tokens from 16 users (128-token sequences); gates from the user-aware router: one top-2 gate
+           vector per user, broadcast to its tokens (as in PROPER)
+  prefill_token_gates  the same with an independent top-2 gate vector per token (extra, harder case)
+
+Providers: "torch" (the reference backend), "naive" (a Python loop over the experts and the distinct users, each
+a pair of torch matmuls on the tokens that use it) and "cpu" (the compiled backend).
+
+Measured in the same run, so the ratios hold on a shared, noisy machine:
+  * read bandwidth: a 512 MiB fp32 tensor's .sum(); the byte floor of a case is the bytes the op must read
+    (x, the selected experts' A and B, each distinct user's A[:r] and B[:, :r], gates / ids / weights) divided
+    by it. Each provider cycles through several independent copies of the problem (more bytes than the L3
+    cache), so the weights come from memory as in a real model, not from cache.
+  * fp32 GEMM rate: torch.mm of the base layer itself ([T, 2048] x [2048, 2048], T = 2048); "% GEMM" is the
+    FLOPs really needed (the 2 selected experts + the user adapter per token; x3 for forward + backward) over
+    the time, relative to that rate.
+Every timing is the median of --rounds rounds; providers are interleaved within a round.
+Goals (issue 4): decode >= 60% of the byte floor and >= 3x faster than naive; prefill >= 3x faster than naive
+and >= 40% of the GEMM rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import proper_kernels as pk  # noqa: E402
+
+D_IN = D_OUT = 2048
+K, R_E, R_U, TOP_K = 8, 16, 16, 2
+EXPERT_SCALE = 2.0   # alpha / r = 32 / 16
+USER_SCALE = 2.0
+DIFF = ("x", "expert_a", "expert_b", "gates", "user_a", "user_b", "user_weight")
+CASES = {
+    "decode": dict(T=64, U=64, gate_mode="user"),
+    "prefill": dict(T=2048, U=16, gate_mode="user"),
+    "prefill_token_gates": dict(T=2048, U=16, gate_mode="token"),
+}
+
+
+# ------------------------------------------------------------------------------------------------ problems
+def make_problem(name: str, seed: int, dtype=torch.float32):
+    spec = CASES[name]
+    T, U = spec["T"], spec["U"]
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype)  # noqa: E731
+    x = rnd(T, D_IN)
+    ea, eb = rnd(K, R_E, D_IN, scale=D_IN ** -0.5), rnd(K, D_OUT, R_E, scale=R_E ** -0.5)
+    ua, ub = rnd(U, R_U, D_IN, scale=D_IN ** -0.5), rnd(U, D_OUT, R_U, scale=R_U ** -0.5)
+    if name == "decode":
+        ids = torch.randperm(U, generator=g)[:T]
+    else:
+        ids = torch.arange(U).repeat_interleave(T // U)          # one sequence per user
+    rows = U if spec["gate_mode"] == "user" else T
+    logits = torch.randn(rows, K, generator=g)
+    gv = torch.softmax(logits, -1)
+    gv = gv * torch.zeros_like(gv).scatter(1, gv.topk(TOP_K, -1).indices, 1.0)
+    gates = gv[ids] if spec["gate_mode"] == "user" else gv
+    w = torch.rand(T, generator=g)
+    return dict(x=x, expert_a=ea, expert_b=eb, gates=gates.to(dtype), user_a=ua, user_b=ub, user_ids=ids,
+                expert_scale=EXPERT_SCALE, user_scale=USER_SCALE, user_weight=w.to(dtype))
+
+
+def needed_bytes(p) -> int:
+    """Bytes the op must read: x, each selected expert's A and B, each distinct user's A[:r] and B[:, :r]."""
+    es = p["x"].element_size()
+    sel = int((p["gates"] != 0).any(0).sum())
+    users = int(torch.unique(p["user_ids"][p["user_ids"] >= 0]).numel())
+    T = p["x"].shape[0]
+    return (p["x"].numel() * es + sel * R_E * (D_IN + D_OUT) * es + users * R_U * (D_IN + D_OUT) * es
+            + p["gates"].numel() * p["gates"].element_size() + T * 8 + T * p["user_weight"].element_size())
+
+
+def needed_flops(p) -> float:
+    """Forward FLOPs of the selected experts and the user adapter (shrink + expand), per token."""
+    nsel = int((p["gates"] != 0).sum())
+    T = p["x"].shape[0]
+    return 2.0 * (nsel * R_E + T * R_U) * (D_IN + D_OUT)
+
+
+# ------------------------------------------------------------------------------------------------ providers
+def naive_loop(x, expert_a, expert_b, gates, user_a, user_b, user_ids, *, expert_scale=1.0, user_scale=1.0,
+               user_weight=None, user_ranks=None):
+    """A Python loop over the experts and the distinct users: torch matmuls on the tokens that use each."""
+    y = torch.zeros(x.shape[0], expert_b.shape[1], dtype=torch.float32)
+    xf = x.float()
+    for k in range(expert_a.shape[0]):
+        idx = torch.nonzero(gates[:, k] != 0).squeeze(1)
+        if idx.numel():
+            h = xf[idx] @ expert_a[k].float().t()
+            y = y.index_add(0, idx, (h * (expert_scale * gates[idx, k].float())[:, None]) @ expert_b[k].float().t())
+    for u in torch.unique(user_ids).tolist():
+        if u < 0:
+            continue
+        r = user_a.shape[1] if user_ranks is None else int(user_ranks[u])
+        idx = torch.nonzero(user_ids == u).squeeze(1)
+        c = torch.full((idx.numel(),), float(user_scale)) if user_weight is None else user_scale * user_weight[idx].float()
+        h = xf[idx] @ user_a[u, :r].float().t()
+        y = y.index_add(0, idx, (h * c[:, None]) @ user_b[u, :, :r].float().t())
+    return y.to(x.dtype)
+
+
+def routed(backend):
+    # check_values=False as the model layer calls it (ids are validated once per batch, not once per layer)
+    def fn(x, expert_a, expert_b, gates, user_a, user_b, user_ids, **kw):
+        return pk.routed_lora(x, expert_a, expert_b, gates, user_a, user_b, user_ids, backend=backend,
+                              check_values=False, **kw)
+    return fn
+
+
+PROVIDERS = {"torch": routed("torch"), "naive": naive_loop, "cpu": routed("cpu")}
+
+
+def _call(fn, p):
+    args = [p[k] for k in ("x", "expert_a", "expert_b", "gates", "user_a", "user_b", "user_ids")]
+    kw = {k: p[k] for k in ("expert_scale", "user_scale", "user_weight")}
+    return fn(*args, **kw)
+
+
+def make_step(fn, problems, train: bool):
+    """A callable running one forward (or forward + backward) on the next copy of the problem."""
+    state = {"i": 0}
+    if train:
+        problems = [{k: (v.detach().clone().requires_grad_() if k in DIFF else v) for k, v in p.items()}
+                    for p in problems]
+        gos = [torch.randn(p["x"].shape[0], D_OUT, dtype=p["x"].dtype) for p in problems]
+
+    def step():
+        p = problems[state["i"] % len(problems)]
+        state["i"] += 1
+        if not train:
+            with torch.no_grad():
+                return _call(fn, p)
+        y = _call(fn, p)
+        leaves = [p[k] for k in DIFF]
+        return torch.autograd.grad(y, leaves, gos[(state["i"] - 1) % len(problems)])
+    return step
+
+
+def time_once(step) -> float:
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------- machine rates
+def read_bandwidth_gbs(mib: int = 512, reps: int = 7) -> float:
+    t = torch.ones(mib * 1024 * 1024 // 4)
+    t.sum()
+    best = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        t.sum()
+        best.append(time.perf_counter() - t0)
+    return t.numel() * 4 / statistics.median(best) / 1e9
+
+
+def gemm_gflops(m: int = 2048, k: int = D_IN, n: int = D_OUT, reps: int = 7) -> float:
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    torch.mm(a, b)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        ts.append(time.perf_counter() - t0)
+    return 2.0 * m * k * n / statistics.median(ts) / 1e9
+
+
+# --------------------------------------------------------------------------------------------------- main
+def run(args):
+    torch.manual_seed(0)
+    env = {
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_isa": None,
+        "machine": platform.processor() or platform.machine(), "loadavg_start": os.getloadavg(),
+    }
+    try:
+        from proper_kernels import cpu as cpu_backend
+        env["cpu_isa"] = cpu_backend.isa()
+    except Exception as e:  # noqa: BLE001
+        env["cpu_isa"] = f"unavailable: {e}"
+    providers = [n for n in PROVIDERS if n != "cpu" or "cpu" in pk.available_backends("cpu")]
+    cases = args.cases.split(",")
+    rows = []
+    rates = {"bandwidth_gbs": [], "gemm_gflops": []}
+    for name in cases:
+        spec = CASES[name]
+        per_copy = needed_bytes(make_problem(name, 0))
+        copies = max(2, math.ceil(args.cold_bytes / per_copy))
+        problems = [make_problem(name, s) for s in range(copies)]
+        p0 = problems[0]
+        if args.check and "cpu" in providers:
+            ref = _call(PROVIDERS["torch"], p0)
+            got = _call(PROVIDERS["cpu"], p0)
+            nai = _call(PROVIDERS["naive"], p0)
+            scale = ref.abs().max().item()
+            assert (got - ref).abs().max().item() <= 1e-4 * scale, "cpu backend disagrees with the reference"
+            assert (nai - ref).abs().max().item() <= 1e-4 * scale, "naive loop disagrees with the reference"
+        for train in (False, True):
+            steps = {n: make_step(PROVIDERS[n], problems, train) for n in providers}
+            for n in providers:             # warm up (one pass over the copies)
+                for _ in range(min(copies, 3)):
+                    steps[n]()
+            times = {n: [] for n in providers}
+            for _ in range(args.rounds):
+                for n in providers:
+                    times[n].append(time_once(steps[n]))
+            # machine rates measured between the cases, in the same run
+            rates["bandwidth_gbs"].append(read_bandwidth_gbs())
+            rates["gemm_gflops"].append(gemm_gflops())
+            for n in providers:
+                rows.append({"case": name, "mode": "fwd+bwd" if train else "fwd", "provider": n,
+                             "T": spec["T"], "users": spec["U"], "gates": spec["gate_mode"],
+                             "ms": 1e3 * statistics.median(times[n]), "ms_min": 1e3 * min(times[n]),
+                             "bytes": per_copy, "flops": needed_flops(p0) * (3 if train else 1),
+                             "copies": copies})
+    bw = statistics.median(rates["bandwidth_gbs"])
+    gf = statistics.median(rates["gemm_gflops"])
+    for r in rows:
+        naive = next(q for q in rows if q["case"] == r["case"] and q["mode"] == r["mode"] and q["provider"] == "naive")
+        r["speedup_vs_naive"] = naive["ms"] / r["ms"]
+        r["byte_floor_ms"] = r["bytes"] / (bw * 1e9) * 1e3
+        r["pct_byte_floor"] = 100.0 * r["byte_floor_ms"] / r["ms"] if r["mode"] == "fwd" else None
+        r["gflops"] = r["flops"] / (r["ms"] * 1e-3) / 1e9
+        r["pct_gemm"] = 100.0 * r["gflops"] / gf
+    env.update(bandwidth_gbs=bw, gemm_gflops=gf, rates=rates, loadavg_end=os.getloadavg())
+    return rows, env
+
+
+def goals(rows):
+    out = []
+    get = lambda c, m, p: next((r for r in rows if (r["case"], r["mode"], r["provider"]) == (c, m, p)), None)  # noqa
+    d = get("decode", "fwd", "cpu")
+    if d:
+        out.append(("decode: >= 60% of the byte floor", d["pct_byte_floor"] >= 60, f"{d['pct_byte_floor']:.0f}%"))
+        out.append(("decode: >= 3x faster than naive", d["speedup_vs_naive"] >= 3, f"{d['speedup_vs_naive']:.1f}x"))
+    pf = get("prefill", "fwd", "cpu")
+    if pf:
+        out.append(("prefill: >= 3x faster than naive", pf["speedup_vs_naive"] >= 3, f"{pf['speedup_vs_naive']:.1f}x"))
+        out.append(("prefill: >= 40% of the GEMM rate", pf["pct_gemm"] >= 40, f"{pf['pct_gemm']:.0f}%"))
+    return out
+
+
+def markdown(rows, env) -> str:
+    lines = [
+        f"routed_lora CPU benchmark: d_in = d_out = {D_IN}, K = {K} experts of rank {R_E} (top-{TOP_K}), user rank "
+        f"{R_U}, fp32; {env['threads']} threads, kernels: {env['cpu_isa']}; torch {env['torch']}",
+        f"measured in this run: read bandwidth {env['bandwidth_gbs']:.1f} GB/s, fp32 GEMM "
+        f"{env['gemm_gflops']:.0f} GFLOP/s (torch.mm 2048x2048x2048); load average {env['loadavg_start'][0]:.1f} "
+        f"-> {env['loadavg_end'][0]:.1f}",
+        "",
+        "| case | mode | provider | ms (median) | vs naive | % byte floor | GFLOP/s needed | % GEMM rate |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        pb = "" if r["pct_byte_floor"] is None else f"{r['pct_byte_floor']:.0f}%"
+        lines.append(f"| {r['case']} | {r['mode']} | {r['provider']} | {r['ms']:.2f} | {r['speedup_vs_naive']:.2f}x | "
+                     f"{pb} | {r['gflops']:.1f} | {r['pct_gemm']:.0f}% |")
+    lines += ["", "byte floor (ms): " + ", ".join(
+        f"{c} {next(r['byte_floor_ms'] for r in rows if r['case'] == c):.3f}" for c in dict.fromkeys(r["case"] for r in rows))]
+    g = goals(rows)
+    if g:
+        lines += ["", "| goal | met | measured |", "| --- | --- | --- |"]
+        lines += [f"| {n} | {'yes' if ok else 'NO'} | {v} |" for n, ok, v in g]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench_results", help="output directory (JSON + markdown)")
+    ap.add_argument("--rounds", type=int, default=9, help="timed rounds per provider (median reported)")
+    ap.add_argument("--cases", default="decode,prefill,prefill_token_gates")
+    ap.add_argument("--cold-bytes", type=float, default=128e6,
+                    help="cycle through enough problem copies to read at least this many bytes (defeats the L3)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="3 rounds, decode + prefill only")
+    ap.add_argument("--no-check", dest="check", action="store_false", help="skip the correctness check")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.rounds = 3
+        args.cases = "decode,prefill"
+    rows, env = run(args)
+    md = markdown(rows, env)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / "bench_op_cpu.json").write_text(json.dumps({"env": env, "rows": rows, "goals": [
+        {"goal": n, "met": ok, "measured": v} for n, ok, v in goals(rows)], "time": stamp}, indent=2))
+    (out / "bench_op_cpu.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

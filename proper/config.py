@@ -1,0 +1,132 @@
+"""ProperConfig: what gets adapted, with which ranks, experts and routers. JSON round trip via to_dict/from_dict."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple, Union
+
+# The paper puts its LoRAs on the FFN projections; attention projections are opt-in.
+FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")
+LLAMA_ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
+
+
+@dataclass
+class ProperConfig:
+    """Hyper-parameters of a PROPER model layer.
+
+    num_users        U: rows of the per-user LoRA tables (user ids 0..U-1; -1 = no user / cold start).
+    num_experts      K: group LoRA experts; 0 = none (plain multi-user LoRA serving, punica/S-LoRA style).
+    expert_rank      r_e of each expert (and of the population LoRA unless population_rank says otherwise).
+    user_rank        r_max of the user table; an imported peft adapter may have any rank <= user_rank.
+    top_k            experts kept per user after the softmax (renormalised); 0 or >= K = dense gates.
+    alpha            LoRA alpha: scale alpha / r (alpha / sqrt(r) with use_rslora). expert_alpha and
+                     user_alpha override it per part.
+    target_modules   module names (suffix match, as in peft) or one regex string (full match).
+    lora_router      True: the LoRA-aware router gives each user its group gates and weight w in the user
+                     stage; False: w = 1 and the user-aware router's gates (user and group outputs just add).
+    dropout          LoRA dropout on the adapter input, training only.
+    backend          routed_lora backend: "auto" | "torch" | "cpu" | "triton" | "cuda".
+    router_dim       size of the user-aware router's per-user embedding.
+    lora_router_probes  learned probe directions of the LoRA-aware router (see routers.LoRAAwareRouter).
+    population_rank  rank of the population LoRA; None = expert_rank if num_experts > 0 else 0 (no population
+                     LoRA: nothing would consume it). With num_experts = 0 and population_rank > 0, the
+                     population LoRA keeps running under the users in the user stage (K = 1, gate 1).
+    init_a           "kaiming" (peft's default for lora_A) or "gaussian" (std 1/r); B always starts at zero.
+    router_init_std  std of the user embeddings' initialisation (distinct users start with distinct gates).
+    """
+
+    num_users: int = 1
+    num_experts: int = 0
+    expert_rank: int = 8
+    user_rank: int = 8
+    top_k: int = 0
+    alpha: float = 16.0
+    target_modules: Union[Tuple[str, ...], str] = FFN_TARGETS
+    lora_router: bool = True
+    dropout: float = 0.0
+    backend: str = "auto"
+    router_dim: int = 32
+    lora_router_probes: int = 2
+    population_rank: Optional[int] = None
+    expert_alpha: Optional[float] = None
+    user_alpha: Optional[float] = None
+    use_rslora: bool = False
+    init_a: str = "kaiming"
+    router_init_std: float = 1.0
+    extra: Dict[str, Any] = field(default_factory=dict)   # free-form notes kept through save/load
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, list):
+            self.target_modules = tuple(self.target_modules)
+        for name, lo in (("num_users", 1), ("num_experts", 0), ("expert_rank", 1), ("user_rank", 1), ("top_k", 0),
+                         ("router_dim", 1), ("lora_router_probes", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"ProperConfig: '{name}' must be an int >= {lo}, got {v!r}")
+        if self.population_rank is not None and (not isinstance(self.population_rank, int)
+                                                 or self.population_rank < 0):
+            raise ValueError(f"ProperConfig: 'population_rank' must be None or an int >= 0, "
+                             f"got {self.population_rank!r}")
+        for name in ("alpha", "expert_alpha", "user_alpha"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v <= 0):
+                raise ValueError(f"ProperConfig: '{name}' must be a finite float > 0, got {v!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"ProperConfig: 'dropout' must be in [0, 1), got {self.dropout!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"ProperConfig: 'backend' must be one of {BACKENDS}, got {self.backend!r}")
+        if self.init_a not in ("kaiming", "gaussian"):
+            raise ValueError(f"ProperConfig: 'init_a' must be 'kaiming' or 'gaussian', got {self.init_a!r}")
+        t = self.target_modules
+        if not (isinstance(t, str) and t) and not (isinstance(t, tuple) and t and all(isinstance(s, str) and s
+                                                                                    for s in t)):
+            raise ValueError(f"ProperConfig: 'target_modules' must be a non-empty tuple of module names or a "
+                             f"regex string, got {t!r}")
+
+    # ---- derived values
+    @property
+    def pop_rank(self) -> int:
+        if self.population_rank is not None:
+            return self.population_rank
+        return self.expert_rank if self.num_experts > 0 else 0
+
+    @property
+    def effective_top_k(self) -> int:
+        """Experts kept per user; K when top_k is 0 or >= K (dense)."""
+        return self.num_experts if self.top_k <= 0 or self.top_k >= self.num_experts else self.top_k
+
+    def scale(self, alpha: Optional[float], rank: int) -> float:
+        a = self.alpha if alpha is None else alpha
+        return a / math.sqrt(rank) if self.use_rslora else a / rank
+
+    @property
+    def expert_scale(self) -> float:
+        return self.scale(self.expert_alpha, self.expert_rank)
+
+    @property
+    def population_scale(self) -> float:
+        return self.scale(self.expert_alpha, self.pop_rank) if self.pop_rank else 0.0
+
+    @property
+    def user_scale(self) -> float:
+        return self.scale(self.user_alpha, self.user_rank)
+
+    # ---- JSON
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(d["target_modules"], tuple):
+            d["target_modules"] = list(d["target_modules"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ProperConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"ProperConfig.from_dict: expected a dict, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"ProperConfig.from_dict: unknown keys {unknown}; known keys: {sorted(names)}")
+        return cls(**d)

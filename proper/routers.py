@@ -1,0 +1,104 @@
+"""The two PROPER routers. Both work per *user* (one gate vector per sequence), never per token.
+
+Where the paper's exact formulas are not at hand these are the simplest faithful forms; each is documented
+below and sized by ProperConfig (router_dim, lora_router_probes, top_k).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def top_k_gates(probs: Tensor, k: int) -> Tensor:
+    """Keep the k largest gates of each row and renormalise them to sum to 1; the rest become exact zeros
+    (structural zeros: routed_lora skips those experts).  # [B, K]"""
+    K = probs.shape[-1]
+    if k <= 0 or k >= K:
+        return probs
+    vals, idx = probs.topk(k, dim=-1)
+    vals = vals / vals.sum(-1, keepdim=True)
+    return torch.zeros_like(probs).scatter(-1, idx, vals)
+
+
+class UserAwareRouter(nn.Module):
+    """Gates over the K group experts from a learned per-user embedding.
+
+        logits_u = W e_u + b          e_u = embedding[u]  (router_dim)
+        gates_u  = top_k(softmax(logits_u + extra_u))      renormalised over the kept experts
+
+    Cold start: a user id of -1 gets the population-average gates, mean_u softmax(logits_u) over every user
+    embedding (then top-k), so an unseen user is served by the experts the population relies on most.
+    Embeddings start at N(0, init_std^2) and W at N(0, 1/dim), so distinct users start with distinct gates.
+    """
+
+    def __init__(self, num_users: int, num_experts: int, dim: int = 32, top_k: int = 0, init_std: float = 1.0,
+                 device=None, dtype=None):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.embedding = nn.Embedding(num_users, dim, device=device, dtype=dtype)
+        self.proj = nn.Linear(dim, num_experts, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.embedding.weight.normal_(0.0, init_std)
+            self.proj.weight.normal_(0.0, 1.0 / math.sqrt(dim))
+            self.proj.bias.zero_()
+
+    def logits(self, user_ids: Tensor) -> Tensor:
+        """Router logits of each user (ids -1 read row 0; callers replace those rows).  # [B, K]"""
+        return self.proj(self.embedding(user_ids.clamp(min=0)))
+
+    def population_probs(self) -> Tensor:
+        """Mean of softmax(logits) over every user: the cold-start distribution.  # [K]"""
+        return torch.softmax(self.proj(self.embedding.weight), dim=-1).mean(0)
+
+    def forward(self, user_ids: Tensor, extra_logits: Optional[Tensor] = None, cold_start: bool = True) -> Tensor:
+        """Gates [B, K] of the users `user_ids` [B]. `extra_logits` [B, K] is added before the softmax (the
+        LoRA-aware router's correction). `cold_start=False` promises there is no -1 id (skips the average)."""
+        logits = self.logits(user_ids)
+        if extra_logits is not None:
+            logits = logits + extra_logits
+        probs = torch.softmax(logits, dim=-1)
+        if cold_start:
+            probs = torch.where((user_ids < 0)[:, None], self.population_probs().to(probs.dtype)[None], probs)
+        return top_k_gates(probs, self.top_k)
+
+
+class LoRAAwareRouter(nn.Module):
+    """A user's group-gate correction and its weight w, derived from that user's own LoRA on this layer.
+
+    The user's LoRA dW_u = s_u B_u A_u is read through P learned probe directions q_p (d_in):
+
+        f_u = flatten(dW_u [q_1 .. q_P])                  (d_out * P: the LoRA's response to the probes)
+        [c_u, v_u] = H f_u + h                            (K + 1 outputs)
+        gates_u = top_k(softmax(user_aware_logits_u + c_u)),   w_u = 2 sigmoid(v_u)
+
+    H and h start at zero, so the user stage starts exactly where the group stage ended (same gates, w = 1)
+    and learns from there. Cost: O(B r (d_in + d_out) P) per forward, computed once per user, not per token.
+    """
+
+    def __init__(self, d_in: int, d_out: int, num_experts: int, num_probes: int = 2, device=None, dtype=None):
+        super().__init__()
+        self.num_experts = num_experts
+        self.probes = nn.Parameter(torch.randn(num_probes, d_in, device=device, dtype=dtype) / math.sqrt(d_in))
+        self.head = nn.Linear(d_out * num_probes, num_experts + 1, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+
+    def features(self, a: Tensor, b: Tensor, ranks: Optional[Tensor], scale: Tensor) -> Tensor:
+        """f_u for each user of the batch. a [B, r, d_in], b [B, d_out, r], ranks [B], scale [B].  # [B, d_out*P]"""
+        z = torch.matmul(a, self.probes.t())                               # [B, r, P]
+        if ranks is not None:                                              # padded rank rows are never read
+            keep = torch.arange(a.shape[1], device=a.device)[None, :] < ranks[:, None]
+            z = torch.where(keep[..., None], z, 0.0)
+        h = torch.matmul(b, z) * scale.to(z.dtype)[:, None, None]         # [B, d_out, P]
+        return h.flatten(1)
+
+    def forward(self, a: Tensor, b: Tensor, ranks: Optional[Tensor], scale: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+        """(gate-logit correction [B, K] or None when K = 0, weight w [B])."""
+        out = self.head(self.features(a, b, ranks, scale))
+        w = 2.0 * torch.sigmoid(out[:, -1])
+        return (out[:, :-1] if self.num_experts > 0 else None), w

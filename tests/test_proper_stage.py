@@ -1,0 +1,108 @@
+"""set_stage: what runs and what trains in each stage; the routers' gates (top-k, cold start, LoRA-aware)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import proper
+from proper_fixtures import LLAMA7, randomize_b, tiny_llama
+
+
+def _model(**kw):
+    cfg = dict(num_users=5, num_experts=3, top_k=2, user_rank=4, expert_rank=4)
+    cfg.update(kw)
+    return proper.apply_proper(tiny_llama(), proper.ProperConfig(**cfg))
+
+
+def _trainable_suffixes(m):
+    return {n.split(".", 5)[-1] for n, p in m.named_parameters() if p.requires_grad}
+
+
+def test_requires_grad_per_stage():
+    m = _model()
+    proper.set_stage(m, "population")
+    assert _trainable_suffixes(m) == {"population_a", "population_b"}
+    proper.set_stage(m, "group")
+    assert _trainable_suffixes(m) == {"expert_a", "expert_b", "router.embedding.weight", "router.proj.weight",
+                                      "router.proj.bias"}
+    proper.set_stage(m, "user")
+    assert _trainable_suffixes(m) == {"user_a", "user_b", "lora_router.probes", "lora_router.head.weight",
+                                      "lora_router.head.bias"}
+    assert not any(p.requires_grad for n, p in m.named_parameters() if n.endswith(("weight", "bias"))
+                   and "router" not in n)
+    assert len(proper.trainable_parameters(m)) == 6 * 5
+    with pytest.raises(ValueError, match="'stage' must be one of"):
+        proper.set_stage(m, "users")
+    with pytest.raises(ValueError, match="num_experts=0"):
+        proper.set_stage(_model(num_experts=0), "group")
+    with pytest.raises(ValueError, match="population_rank=0"):
+        proper.set_stage(_model(num_experts=0), "population")
+
+
+def test_what_runs_in_each_stage():
+    m = _model()
+    ids = torch.randint(1, 64, (2, 5))
+    with torch.no_grad():
+        proper.set_stage(m, "population")
+        base = m(ids).logits                          # all B are zero: base model
+        randomize_b(m, std=0.3)
+        pop = m(ids).logits                           # population LoRA, no users needed
+        assert not torch.allclose(pop, base, atol=1e-4)
+        assert torch.allclose(pop[0], m(ids[:1]).logits[0], atol=1e-5)   # the same LoRA for every row
+        proper.set_stage(m, "group")                  # first group stage: experts = copies of the population
+        with proper.users(m, [0, 3]):
+            torch.testing.assert_close(m(ids).logits, pop, rtol=1e-4, atol=1e-4)
+        for layer in proper.proper_layers(m).values():
+            layer.expert_b.normal_(0, 0.3)
+            layer.user_b.zero_()
+        proper.set_stage(m, "population")
+        proper.set_stage(m, "group")                  # not copied again: the experts keep their training
+        with proper.users(m, [0, 3]):
+            group = m(ids).logits
+        assert not torch.allclose(group, pop, atol=1e-4)
+        proper.set_stage(m, "user")                   # user B = 0 and w = 1 at start: same as the group stage
+        with proper.users(m, [0, 3]):
+            torch.testing.assert_close(m(ids).logits, group)
+        randomize_b(m, std=0.3, seed=5)
+        with proper.users(m, [0, 3]):
+            assert not torch.allclose(m(ids).logits, group, atol=1e-4)
+
+
+def test_user_aware_router_top_k_and_cold_start():
+    r = proper.UserAwareRouter(num_users=6, num_experts=4, dim=8, top_k=2)
+    ids = torch.tensor([0, 5, -1, -1])
+    g = r(ids)
+    assert g.shape == (4, 4) and ((g > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(g.sum(-1), torch.ones(4))
+    pop = torch.softmax(r.proj(r.embedding.weight), -1).mean(0)
+    torch.testing.assert_close(g[2], proper.top_k_gates(pop[None], 2)[0])
+    assert torch.equal(g[2], g[3]) and not torch.equal(g[0], g[1])            # distinct users start distinct
+    dense = proper.UserAwareRouter(num_users=6, num_experts=4, dim=8, top_k=0)(ids)
+    assert (dense > 0).all()
+
+
+def test_lora_aware_router_starts_neutral_and_reads_the_users_lora():
+    r = proper.LoRAAwareRouter(d_in=16, d_out=12, num_experts=3, num_probes=2)
+    a, b = torch.randn(2, 4, 16), torch.randn(2, 12, 4)
+    delta, w = r(a, b, torch.tensor([4, 2]), torch.tensor([1.0, 2.0]))
+    assert torch.equal(delta, torch.zeros(2, 3)) and torch.equal(w, torch.ones(2))    # zero-initialised head
+    f = r.features(a, b, torch.tensor([4, 2]), torch.tensor([1.0, 2.0]))
+    a2 = a.clone()
+    a2[1, 2:] = float("nan")                                   # padded rank rows are never read
+    assert torch.equal(f, r.features(a2, b, torch.tensor([4, 2]), torch.tensor([1.0, 2.0])))
+    want = (2.0 * b[1, :, :2] @ (a[1, :2] @ r.probes.t())).flatten()
+    torch.testing.assert_close(f[1], want)
+    with torch.no_grad():
+        r.head.weight.normal_(0, 0.05)
+    delta, w = r(a, b, torch.tensor([4, 2]), torch.tensor([1.0, 2.0]))
+    assert not torch.equal(delta[0], delta[1]) and w[0] != w[1] and ((w > 0) & (w < 2)).all()
+
+
+def test_no_experts_no_lora_router_is_plain_multi_user_lora():
+    m = _model(num_experts=0, lora_router=False, target_modules=LLAMA7)
+    layer = proper.proper_layers(m)["model.layers.0.self_attn.q_proj"]
+    assert not hasattr(layer, "router") and not hasattr(layer, "lora_router") and layer.pop_rank == 0
+    randomize_b(m, std=0.3)
+    ids = torch.randint(1, 64, (2, 5))
+    with torch.no_grad(), proper.users(m, [-1, -1]):
+        assert torch.equal(m(ids).logits, tiny_llama()(ids).logits)       # no user, nothing else: the base model
