@@ -17,7 +17,6 @@ generate is written too (where the time goes). Results: <out>/bench_generate.jso
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as _dt
 import json
 import platform
@@ -35,50 +34,20 @@ if __package__ in (None, ""):                      # `python benchmarks/bench_ge
 
 import proper  # noqa: E402
 import proper_kernels as pk  # noqa: E402
+from proper.speed import LLAMA7, build_peft_mixed, build_proper_serving, demo_prompts  # noqa: E402
 
-LLAMA7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GOAL_VS_BASE = 1.35
 GOAL_VS_PEFT = 2.7
-TOPICS = ["the sea", "a small red bicycle", "how bread rises", "the moon landing", "jazz", "learning Python",
-          "a rainy Monday in a big city", "cats", "chess openings", "the history of paper", "volcanoes",
-          "a recipe for soup", "why the sky is blue", "trains", "gardening in spring", "the first computer"]
-
-
-def prompts(n: int) -> List[str]:
-    # different lengths on purpose: the batch needs left padding, as real traffic would
-    return [f"Write a few words about {TOPICS[i % len(TOPICS)]}" + (" please" * (i % 3)) for i in range(n)]
-
-
-@torch.no_grad()
-def randomize(model, std=0.02, seed=0):
-    """Non-zero B everywhere (experts, users) and a live LoRA-aware router: the realistic served state."""
-    g = torch.Generator().manual_seed(seed)
-    for layer in proper.proper_layers(model).values():
-        for name, p in layer.named_parameters():
-            if name.endswith("_b") or name.startswith("lora_router.head"):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+# The serving set-ups are shared with `proper demo` (proper/speed.py).
+prompts = demo_prompts
 
 
 def build_proper(base, users: int, backend: str):
-    cfg = proper.ProperConfig(num_users=users, num_experts=8, expert_rank=16, user_rank=16, top_k=2, alpha=32,
-                              target_modules=LLAMA7, lora_router=True, backend=backend)
-    model = proper.apply_proper(copy.deepcopy(base), cfg)
-    randomize(model)
-    proper.set_stage(model, "user")
-    return model.eval()
+    return build_proper_serving(base, users, backend, copy_base=True)
 
 
 def build_peft(base, users: int):
-    from peft import LoraConfig, get_peft_model
-
-    pm = None
-    for u in range(users):
-        c = LoraConfig(r=16, lora_alpha=32, target_modules=list(LLAMA7), lora_dropout=0.0, init_lora_weights=False)
-        if pm is None:
-            pm = get_peft_model(copy.deepcopy(base), c, adapter_name=f"u{u}")
-        else:
-            pm.add_adapter(f"u{u}", c)
-    return pm.eval()
+    return build_peft_mixed(base, users, copy_base=True)
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> float:
@@ -91,11 +60,13 @@ def profile_one(fn: Callable[[], object], path: Path, rows: int = 25) -> Dict[st
     """torch.profiler over one call: the op table to `path`, and the share spent inside routed_lora."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
     ev = prof.key_averages()
+    by_shape = prof.key_averages(group_by_input_shape=True)   # routed_lora vs the base mm, per projection
     path.write_text(ev.table(sort_by="self_cpu_time_total", row_limit=rows) + "\n\n"
-                    + ev.table(sort_by="cpu_time_total", row_limit=rows))
+                    + by_shape.table(sort_by="cpu_time_total", row_limit=rows, max_name_column_width=30,
+                                     max_shapes_column_width=70))
     total = sum(e.self_cpu_time_total for e in ev)
     routed = sum(e.cpu_time_total for e in ev if e.key == "proper::routed_lora")
     mm = sum(e.self_cpu_time_total for e in ev if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))

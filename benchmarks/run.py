@@ -166,7 +166,7 @@ def plots(rows, out: Path) -> List[str]:
             if len(pts) > 1:
                 ax.plot(*zip(*pts), marker="o", label=prov)
         ax.set(xscale="log", yscale="log", xlabel="distinct users in the batch (1 token each)", ylabel="ms",
-               title=f"decode, d=2048, user rank 16, " + ("K=8 experts top-2" if K else "no experts"))
+               title="decode, d=2048, user rank 16, " + ("K=8 experts top-2" if K else "no experts"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -538,8 +538,6 @@ class Trainer:
     """Runs the three stages on one patched model; see the module docstring for what it writes."""
 
     def __init__(self, cfg: TrainConfig, dataset: D.Dataset, model, tokenizer, *, progress: bool = True):
-        import proper
-
         self.cfg, self.ds, self.model, self.tok = cfg, dataset, model, tokenizer
         self.out = Path(cfg.out)
         self.progress = progress

@@ -2,7 +2,6 @@
 maths against routed_lora_reference with hand-computed routing."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

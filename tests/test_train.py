@@ -62,7 +62,7 @@ def test_config_validation():
 # ---------------------------------------------------------------------------------- end to end (slow)
 @pytest.fixture(scope="module")
 def smollm2():
-    models = pytest.importorskip("proper.models")
+    pytest.importorskip("proper.models")
     try:
         model, tok = T.load_model(num_layers=2)
     except (ImportError, FileNotFoundError) as e:
