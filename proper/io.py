@@ -35,7 +35,7 @@ _BASE_KEYS = ("weight", "bias")   # the wrapped base layer's own tensors: not ou
 
 
 # -------------------------------------------------------------------------------------------- atomic files
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Run write(tmp) on a temp file beside `path`, fsync it, then rename it over `path`."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
@@ -72,8 +72,8 @@ def save_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     tensors = {k: t.detach().contiguous() for k, t in proper_state_dict(model).items()}
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "save_id": save_id,
             "proper_config": json.dumps(info["config"], sort_keys=True)}
-    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2, sort_keys=True)))
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2, sort_keys=True)))
     return path
 
 

@@ -14,6 +14,16 @@ import proper_kernels as pk
 
 DIFF_ARGS = ("x", "expert_a", "expert_b", "gates", "user_a", "user_b", "user_weight")
 POPULARITY = ("distinct", "uniform", "zipf", "identical", "half_none", "one_hot")
+# make_case keyword sets every backend's grid runs: each switches one part of the problem off or to an edge.
+VARIANTS = {
+    "full_ranks": dict(ranks="full", nan_pad=False),
+    "users_only": dict(K=0),
+    "experts_only": dict(users=False),
+    "float_scale": dict(user_scale=2.0),
+    "no_weight": dict(user_weight=False, user_scale=None),
+    "dense_gates": dict(top_k=0),
+    "nan_mixed_ranks_1_64": dict(U=12, r_max=64, ranks=[1, 2, 3, 4, 8, 15, 16, 17, 31, 33, 63, 64]),
+}
 # fp32 results must agree with the fp64 oracle to 1e-4 of the output's scale (DESIGN.md).
 FP32_RTOL = 1e-4
 # a low-precision backend may err at most this many times the torch reference's own error in that dtype.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import proper_kernels as pk
-from cases import POPULARITY, check_backend, make_case
+from cases import POPULARITY, VARIANTS, check_backend, make_case
 
 # The torch backend runs in both of its user-term strategies (gathered adapters / dense over present users).
 BACKENDS = ["torch-gather", "torch-dense"] + [b for b in pk.available_backends("cpu") if b == "cpu"]
@@ -50,18 +50,9 @@ def test_odd_hidden_2049(backend, dtype):
     check_backend(backend, make_case(T=5, d_in=2049, d_out=2049, K=2, r_e=4, U=3, r_max=8, dtype=dtype))
 
 
-@pytest.mark.parametrize("variant", ["full_ranks", "users_only", "experts_only", "float_scale", "no_weight",
-                                     "dense_gates", "nan_mixed_ranks_1_64"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variants(backend, variant):
-    kw = {
-        "full_ranks": dict(ranks="full", nan_pad=False),
-        "users_only": dict(K=0),
-        "experts_only": dict(users=False),
-        "float_scale": dict(user_scale=2.0),
-        "no_weight": dict(user_weight=False, user_scale=None),
-        "dense_gates": dict(top_k=0),
-        "nan_mixed_ranks_1_64": dict(U=12, r_max=64, ranks=[1, 2, 3, 4, 8, 15, 16, 17, 31, 33, 63, 64]),
-    }[variant]
+    kw = VARIANTS[variant]
     check_backend(backend, make_case(T=41, **kw), f"{backend}/{variant}")
 
 

@@ -21,7 +21,7 @@ import torch
 
 import proper_kernels as pk
 import proper_kernels.cuda as pk_cuda
-from cases import POPULARITY, check_backend, grad_out_for, make_case
+from cases import POPULARITY, VARIANTS, check_backend, grad_out_for, make_case
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -146,18 +146,9 @@ def test_emulated_split_reductions(on_host, d):
     check_backend("cuda", make_case(T=5, d_in=d, d_out=d, K=2, r_e=4, U=3, r_max=8, seed=7))
 
 
-@pytest.mark.parametrize("variant", ["full_ranks", "users_only", "experts_only", "float_scale", "no_weight",
-                                     "dense_gates", "nan_mixed_ranks_1_64"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_emulated_variants(on_host, variant):
-    kw = {
-        "full_ranks": dict(ranks="full", nan_pad=False),
-        "users_only": dict(K=0),
-        "experts_only": dict(users=False),
-        "float_scale": dict(user_scale=2.0),
-        "no_weight": dict(user_weight=False, user_scale=None),
-        "dense_gates": dict(top_k=0),
-        "nan_mixed_ranks_1_64": dict(U=12, r_max=64, ranks=[1, 2, 3, 4, 8, 15, 16, 17, 31, 33, 63, 64]),
-    }[variant]
+    kw = VARIANTS[variant]
     check_backend("cuda", make_case(T=41, **kw), f"cuda-emu/{variant}")
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import proper_kernels as pk
-from cases import POPULARITY, check_backend, make_case
+from cases import POPULARITY, VARIANTS, check_backend, make_case
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run with TRITON_INTERPRET=1 (tests/test_triton.py does)", allow_module_level=True)
@@ -62,13 +62,7 @@ def test_odd_hidden_2049(dtype, T, monkeypatch):
                                      "dense_gates", "nan_mixed_ranks_1_64", "no_user_tokens", "rank_above_tile"])
 def test_variants(dtype, variant):
     kw = {
-        "full_ranks": dict(ranks="full", nan_pad=False),
-        "users_only": dict(K=0),
-        "experts_only": dict(users=False),
-        "float_scale": dict(user_scale=2.0),
-        "no_weight": dict(user_weight=False, user_scale=None),
-        "dense_gates": dict(top_k=0),
-        "nan_mixed_ranks_1_64": dict(U=12, r_max=64, ranks=[1, 2, 3, 4, 8, 15, 16, 17, 31, 33, 63, 64]),
+        **VARIANTS,
         "no_user_tokens": dict(popularity="half_none", K=3),
         # r_max > the rank tile, users on both sides of tile edges, K*r_e not a multiple of the tile
         "rank_above_tile": dict(K=3, r_e=5, U=5, r_max=80, ranks=[80, 1, 49, 64, 65]),
