@@ -40,13 +40,22 @@ def supported_isas():
     return list(_ext.load().cpu_supported_isas())
 
 
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+def _f32(t):
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def _i64(t):
+    return None if t is None else t.to(torch.int64).contiguous()
+
+
 def _args(p: Problem):
     """The problem as the extension takes it: contiguous tensors, fp32 gates / weights, int64 ids / ranks."""
-    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
-    i64 = lambda t: None if t is None else t.to(torch.int64).contiguous()  # noqa: E731
-    return (c(p.x), c(p.expert_a), c(p.expert_b), f32(p.gates), c(p.user_a), c(p.user_b), i64(p.user_ids),
-            i64(p.user_ranks), float(p.expert_scale), f32(p.user_scale), f32(p.user_weight), int(p.d_out))
+    return (_c(p.x), _c(p.expert_a), _c(p.expert_b), _f32(p.gates), _c(p.user_a), _c(p.user_b), _i64(p.user_ids),
+            _i64(p.user_ranks), float(p.expert_scale), _f32(p.user_scale), _f32(p.user_weight), int(p.d_out))
 
 
 def forward(p: Problem) -> torch.Tensor:

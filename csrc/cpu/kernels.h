@@ -52,8 +52,8 @@ struct KernelTable {
   void (*rowdot)(int dt, const void* b, int64_t ldb, int rank, int64_t o0, int64_t o1, const Entry* ent,
                  const int32_t* idx, int n, const float* H, float* Y, int64_t ldy);
 
-  // Y[tok_i, c] += sum_{j < rank} Hs[slot_i + j] * Wm[j * ldw + c] for c in [c0, c1)
-  // (expand with Wm = B^T packed by pack_bt, dt = kF32; dx with Wm = A).
+  // Y[tok_i, c] += sum_{j < rank} Hs[slot_i + j] * w[j * ldw + (c - c0)] for c in [c0, c1): w points at column c0
+  // of a row-major block (expand with the block of B^T packed by pack_bt, dt = kF32; dx with the block of A).
   void (*accum)(int dt, const void* w, int64_t ldw, int rank, int64_t c0, int64_t c1, const Entry* ent,
                 const int32_t* idx, int n, const float* Hs, float* Y, int64_t ldy);
 

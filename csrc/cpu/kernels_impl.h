@@ -39,7 +39,9 @@ static inline void vstore(float* p, VR v, int n) {
 
 // ----------------------------------------------------------------------------------------------- shrink
 // res[i * N + j] = <xr[i][0:D], wr[j][0:D]>: M tokens x N rows, vector accumulators over d, one hsum at the end.
-template <int M, int N, class TI>
+// (A blocked variant that parks the accumulators between blocks of d, so that a tile's rows stay in L1, measured
+// no faster here: the rows stream from L2 well enough.)
+template <int M, int N, class TI, bool PF>
 static void dot_tile(const TI* const* xr, const TI* const* wr, int64_t D, float* res) {
   VR acc[M][N];
 #pragma GCC unroll 8
@@ -49,7 +51,7 @@ static void dot_tile(const TI* const* xr, const TI* const* wr, int64_t D, float*
   int64_t d = 0;
   constexpr int64_t kLine = 64 / (int64_t)sizeof(TI);  // elements per cache line
   for (; d + V::W <= D; d += V::W) {
-    if (M <= 2 && (d % kLine) == 0) {  // few tokens: streaming the weights is the work; fetch across pages
+    if (PF && (d % kLine) == 0) {  // the rows come from memory (first tile): fetch ahead, across pages
 #pragma GCC unroll 8
       for (int j = 0; j < N; ++j) __builtin_prefetch(wr[j] + d + 32 * kLine);
     }
@@ -84,25 +86,29 @@ static void dot_tile(const TI* const* xr, const TI* const* wr, int64_t D, float*
 template <class TI>
 using DotFn = void (*)(const TI* const*, const TI* const*, int64_t, float*);
 
-template <int M, class TI>
+template <int M, class TI, bool PF>
 static DotFn<TI> dot_fn_n(int n) {
   static_assert(Cfg::SHRINK_N <= 4, "");
   switch (n) {
-    case 1: return &dot_tile<M, 1, TI>;
-    case 2: return &dot_tile<M, (2 <= Cfg::SHRINK_N ? 2 : 1), TI>;
-    case 3: return &dot_tile<M, (3 <= Cfg::SHRINK_N ? 3 : 1), TI>;
-    default: return &dot_tile<M, (4 <= Cfg::SHRINK_N ? 4 : 1), TI>;
+    case 1: return &dot_tile<M, 1, TI, PF>;
+    case 2: return &dot_tile<M, (2 <= Cfg::SHRINK_N ? 2 : 1), TI, PF>;
+    case 3: return &dot_tile<M, (3 <= Cfg::SHRINK_N ? 3 : 1), TI, PF>;
+    default: return &dot_tile<M, (4 <= Cfg::SHRINK_N ? 4 : 1), TI, PF>;
+  }
+}
+template <class TI, bool PF>
+static DotFn<TI> dot_fn_m(int m, int n) {
+  static_assert(Cfg::SHRINK_M <= 4, "");
+  switch (m) {
+    case 1: return dot_fn_n<1, TI, PF>(n);
+    case 2: return dot_fn_n<(2 <= Cfg::SHRINK_M ? 2 : 1), TI, PF>(n);
+    case 3: return dot_fn_n<(3 <= Cfg::SHRINK_M ? 3 : 1), TI, PF>(n);
+    default: return dot_fn_n<(4 <= Cfg::SHRINK_M ? 4 : 1), TI, PF>(n);
   }
 }
 template <class TI>
-static DotFn<TI> dot_fn(int m, int n) {
-  static_assert(Cfg::SHRINK_M <= 4, "");
-  switch (m) {
-    case 1: return dot_fn_n<1, TI>(n);
-    case 2: return dot_fn_n<(2 <= Cfg::SHRINK_M ? 2 : 1), TI>(n);
-    case 3: return dot_fn_n<(3 <= Cfg::SHRINK_M ? 3 : 1), TI>(n);
-    default: return dot_fn_n<(4 <= Cfg::SHRINK_M ? 4 : 1), TI>(n);
-  }
+static DotFn<TI> dot_fn(int m, int n, bool pf) {
+  return pf ? dot_fn_m<TI, true>(m, n) : dot_fn_m<TI, false>(m, n);
 }
 
 template <class TI>
@@ -118,17 +124,15 @@ static void shrink_t(const TI* x, int64_t D, const TI* a, int rows, const proper
       const TI* wr[NT];
       for (int j = 0; j < nj; ++j) wr[j] = a + (int64_t)(j0 + j) * D;
       float res[MT * NT];
-      dot_fn<TI>(mi, nj)(xr, wr, D, res);
+      dot_fn<TI>(mi, nj, i0 == 0)(xr, wr, D, res);  // the first token tile brings the rows from memory
       for (int i = 0; i < mi; ++i) {
         const proper_cpu::Entry& e = ent[idx[i0 + i]];
-        const float c = scale ? e.coef : 1.0f;
         float* h = H + e.slot + j0;
-        for (int j = 0; j < nj; ++j) h[j] = scale ? c * res[i * nj + j] : res[i * nj + j];
+        for (int j = 0; j < nj; ++j) h[j] = scale ? e.coef * res[i * nj + j] : res[i * nj + j];
       }
     }
   }
 }
-
 
 // ---------------------------------------------------------------------------------------------- bshrink
 // Dr[i][j0 + c] = sum_o dy_i[o] * B[o, j0 + c]: M tokens x NV column vectors (the last one partial if PART),
@@ -265,8 +269,8 @@ static void rowdot_t(const TI* B, int64_t ld, int rank, int64_t o0, int64_t o1, 
 }
 
 // ------------------------------------------------------------------------------------------------ accum
-// Y[tok_i, c] += sum_{j < rank} Hs[slot_i + j] * Wm[j, c] for c in [c0, c1): rank-space vectors times rows of a
-// row-major matrix Wm (row stride ldw). The expand with B packed as B^T, and dx with Wm = A. M entries x NV
+// Y[tok_i, c] += sum_{j < rank} Hs[slot_i + j] * w[j * ldw + c - c0] for c in [c0, c1): rank-space vectors times
+// the rows of a row-major block (row stride ldw, first column c0). The expand with B packed as B^T, and dx with Wm = A. M entries x NV
 // column vectors per tile; each Wm load is shared by the M entries (all of one group), the running sum of each
 // output stays in a register across the whole rank.
 template <int M, int NV, bool PART, class TW>
@@ -279,7 +283,7 @@ static void accum_tile(const TW* w, int64_t ldw, int rank, const float* const* h
     for (int v = 0; v < NV; ++v)
       acc[i][v] = (v == NV - 1) ? vload<PART>(ys[i] + c + v * V::W, nlast) : V::load(ys[i] + c + v * V::W);
   for (int j = 0; j < rank; ++j) {
-    const TW* wr = w + (int64_t)j * ldw + c;
+    const TW* wr = w + (int64_t)j * ldw;
     VR s[M];
 #pragma GCC unroll 8
     for (int i = 0; i < M; ++i) s[i] = V::set1(hs[i][j]);
@@ -347,7 +351,7 @@ static void accum_t(const TW* w, int64_t ldw, int rank, int64_t c0, int64_t c1, 
       const int rem = (int)lmin(c1 - c, NVT * V::W);
       const int nv = (rem + V::W - 1) / V::W;
       const int nlast = rem - (nv - 1) * V::W;
-      accum_fn<TW>(mi, nv, nlast < V::W)(w, ldw, rank, hs, ys, c, nlast);
+      accum_fn<TW>(mi, nv, nlast < V::W)(w + (c - c0), ldw, rank, hs, ys, c, nlast);
     }
   }
 }
@@ -459,9 +463,13 @@ static void tn_t(const TI* Q, int64_t ldq, int64_t q0, int64_t q1, int rank, con
       }
     }
   }
-  if (trans && n > 0)
+  if (trans && n > 0) {  // C[q0 + c, j] = ct[j, c]: 8 x 8 register transposes, the edges one by one
+    const int c8 = cb / 8 * 8, r8 = rank / 8 * 8;
+    for (int c = 0; c < c8; c += 8)
+      for (int j = 0; j < r8; j += 8) V::transpose8(ct + (int64_t)j * cb + c, cb, C + (q0 + c) * ldc + j, ldc);
     for (int j = 0; j < rank; ++j)
-      for (int c = 0; c < cb; ++c) C[(q0 + c) * ldc + j] = ct[(int64_t)j * cb + c];
+      for (int c = (j < r8 ? c8 : 0); c < cb; ++c) C[(q0 + c) * ldc + j] = ct[(int64_t)j * cb + c];
+  }
 }
 
 // ----------------------------------------------------------------------------------------------- packing

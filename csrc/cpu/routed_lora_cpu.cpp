@@ -4,19 +4,23 @@
 // Layout. Every (token, group) pair with a term is an Entry (group = expert k < K, or K + user u). A token's
 // entries are contiguous (experts by k, then its user) and each owns `rank` fp32 values in rank-space buffers
 // (H = A x, Dr = B^T dy). Only selected experts (nonzero gate) and users with rank > 0 get entries, and a
-// user's entry spans r_u values, so no padded rank and no unselected expert is ever computed.
+// user's entry spans r_u values, so no padded rank and no unselected expert is ever computed or read.
 //
-// Forward:  H[e] = coef_e * A_g x[t]                   (shrink; per chunk of user-sorted tokens, per group)
-//           y[t] = sum_e B_g H[e]                     (expand; per chunk x block of output columns; groups with
-//                                                      many tokens use B_g^T packed once, the others B_g as is)
-// Backward: H[e] = A_g x[t], Dr[e] = B_g^T dy[t]       (per chunk, per group)
-//           d_gate / d_w from <Dr, H>;  DH = coef Dr, HG = coef H
-//           dx[t] = sum_e A_g^T DH[e]                 (per chunk x block of d)
-//           dA_g  = sum_{e in g} DH[e] x[t]^T          (per group x block of d: race-free, no atomics)
-//           dB_g  = sum_{e in g} dy[t] HG[e]^T         (per group x block of o)
-// Chunks of consecutive tokens in user order keep a chunk's x rows in cache while every group (the selected
-// experts' A, shared by the chunk's tokens, and each user's A) is applied to them; a weight is read once per
-// chunk, never once per token. Results do not depend on the thread count (see kernels_impl.h).
+// Forward:  H[e] = coef_e * A_g x[t]          (shrink: per chunk of user-sorted tokens, one task per group)
+//           y[t] = sum_e B_g H[e]            (expand: per chunk x block of output columns; a group with many
+//                                             tokens packs its block of B_g^T into L1 and shares every load among
+//                                             its tokens; one with few tokens reads B_g rows directly)
+//           Users with few tokens (decode: one token each) run as their own tasks, shrink + expand together,
+//           streaming A_u and B_u once; the experts of all those tokens still go through the chunks, so each
+//           expert's A and B are read once per chunk, not once per token.
+// Backward: H[e] = A_g x[t], Dr[e] = B_g^T dy[t], d_gate / d_w = <Dr, H> scaled, DH = coef Dr, HG = coef H
+//                                            (per chunk of user-sorted tokens)
+//           dx[t] = sum_e A_g^T DH[e]        (per chunk x block of d)
+//           dA_g  = sum_{e in g} DH[e] x[t]^T, dB_g = sum_{e in g} dy[t] HG[e]^T
+//                                            (per group x block of columns: each output has one owner, so no
+//                                             atomics and no partial sums)
+// Every output element is one fixed chain of operations whatever the chunking or thread count, so results are
+// bitwise independent of the number of threads (see kernels_impl.h).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -82,7 +86,7 @@ constexpr int64_t kExpandCols = 128;   // output columns per expand item (a grou
 constexpr int64_t kGradCols = 256;     // d columns per dx item
 // d (or o) columns per dA / dB item: long row segments, so the gathered x / dy rows stream from memory
 constexpr int64_t kTnCols = 2048;
-constexpr int64_t kChunkBytes = 256 * 1024;  // x rows of one chunk (kept in L2 while all its groups run)
+constexpr int64_t kChunkBytes = 512 * 1024;  // x rows of one chunk (kept in L2 while all its groups run)
 constexpr int32_t kPackMin = 8;        // groups with at least this many tokens use packed fp32 weight copies
 
 // Row stride of a packed fp32 copy: a whole number of 16-float vectors plus one, so that consecutive rows of a
@@ -95,6 +99,7 @@ struct Task {
 
 struct Plan {
   int dt = kF32;
+  int64_t esz = 4;  // bytes per element of x and the weights
   int64_t T = 0, D = 0, O = 0;
   int K = 0, R = 0, U = 0;
   float se = 1.0f;
@@ -141,6 +146,7 @@ Plan make_plan(const at::Tensor& x, const c10::optional<at::Tensor>& ea, const c
   p.O = d_out;
   TORCH_CHECK(p.T < (int64_t(1) << 30), "proper_kernels cpu: too many tokens");
   const int64_t esz = x.element_size();
+  p.esz = esz;
 
   const bool has_e = ea.has_value();
   const bool has_u = ua.has_value();
@@ -248,10 +254,22 @@ Plan make_plan(const at::Tensor& x, const c10::optional<at::Tensor>& ea, const c
     for (size_t i = 0; i < p.ent.size(); ++i) p.grp_idx[fill[p.ent[i].group]++] = (int32_t)i;
   }
 
-  // chunks of the user-sorted tokens and, per chunk, one task per group present (experts by k, then users)
+  // chunks of the user-sorted tokens and, per chunk, one task per group present (experts by k, then users).
+  // A chunk's x rows stay in L2 while each of its groups runs; enough chunks to keep every thread busy. When most
+  // tokens belong to users with few tokens (decode), those users run as their own tasks and the chunks only
+  // carry the experts: then a few large chunks read each expert's weights fewest times.
   int64_t ch = std::max<int64_t>(4, std::min<int64_t>(64, kChunkBytes / std::max<int64_t>(1, p.D * esz)));
-  const int64_t per_thread = (p.T + 2 * (int64_t)nthreads - 1) / (2 * (int64_t)nthreads);
-  ch = std::max<int64_t>(1, std::min(ch, per_thread));
+  int64_t late_users = 0, late_tokens = 0;
+  for (int u = 0; u < p.U; ++u) {
+    const int32_t c = p.grp_ptr[p.K + u + 1] - p.grp_ptr[p.K + u];
+    if (c > 0 && c < kPackMin) late_users++, late_tokens += c;
+  }
+  if (2 * late_tokens >= p.T && late_users >= 2 * nthreads) {
+    ch = std::max<int64_t>(ch, std::min<int64_t>(p.T, 128));
+  } else {
+    const int64_t per_thread = (p.T + 2 * (int64_t)nthreads - 1) / (2 * (int64_t)nthreads);
+    ch = std::max<int64_t>(1, std::min(ch, per_thread));
+  }
   p.chunk = ch;
   p.nchunks = (p.T + ch - 1) / ch;
   p.chunk_task_ptr.assign(p.nchunks + 1, 0);
@@ -299,6 +317,16 @@ Plan make_plan(const at::Tensor& x, const c10::optional<at::Tensor>& ea, const c
   return p;
 }
 
+// Ask for the first lines of a group's A rows and of its B: the next late user's weights start arriving while
+// this one streams (the hardware prefetchers only pick a stream up after its first misses).
+void prefetch_head(const GroupDesc& g, int64_t D, int64_t esz) {
+  const char* a = static_cast<const char*>(g.a);
+  for (int j = 0; j < std::min(g.rank, 4); ++j)
+    for (int64_t off = 0; off < 1024; off += 64) __builtin_prefetch(a + j * D * esz + off);
+  const char* b = static_cast<const char*>(g.b);
+  for (int64_t off = 0; off < 2048; off += 64) __builtin_prefetch(b + off);
+}
+
 // f(item, thread) for item < n, dynamically scheduled over `nthreads` OpenMP threads (thread < nthreads).
 template <class F>
 void parallel_items(int64_t n, int nthreads, const F& f) {
@@ -331,18 +359,14 @@ at::Tensor cpu_forward(const at::Tensor& x, const c10::optional<at::Tensor>& ea,
   std::vector<float> H((size_t)std::max<int64_t>(1, p.nslots));
   const void* xp = x.data_ptr();
 
-  // B^T (fp32) of the groups with many tokens, packed once per call
-  std::vector<int32_t> packed;
-  std::vector<int64_t> bt_off(p.groups.size(), -1);
-  int64_t bt_size = 0;
-  const int64_t ldt = padded_ld(p.O);
+  // Groups with many tokens expand through B^T: each expand item packs the block of B^T it needs (fp32, in L1)
+  std::vector<char> use_bt(p.groups.size(), 0);
   for (size_t gi = 0; gi < p.groups.size(); ++gi)
-    if (p.grp_ptr[gi + 1] - p.grp_ptr[gi] >= kPackMin && p.groups[gi].rank > 0) {
-      packed.push_back((int32_t)gi);
-      bt_off[gi] = bt_size;
-      bt_size += (int64_t)p.groups[gi].rank * ldt;
-    }
-  std::vector<float> Bt((size_t)std::max<int64_t>(1, bt_size));
+    use_bt[gi] = p.grp_ptr[gi + 1] - p.grp_ptr[gi] >= kPackMin && p.groups[gi].rank > 0;
+  int64_t rank_cap = 1;
+  for (const GroupDesc& g : p.groups) rank_cap = std::max<int64_t>(rank_cap, g.rank);
+  const int64_t ldt = padded_ld(kExpandCols);
+  std::vector<std::vector<float>> scratch(nt);
 
   // Users with few tokens (decode) are "late": their shrink and expand run together, reading A_u and B_u once,
   // front to back, and their term is the first one added to the token's output. Everything else (experts, and
@@ -352,34 +376,29 @@ at::Tensor cpu_forward(const at::Tensor& x, const c10::optional<at::Tensor>& ea,
   std::vector<char> tok_late(p.T, 0);
   for (int32_t q = 0; q < (int32_t)p.tasks.size(); ++q) {
     const Task& tk = p.tasks[q];
-    if (tk.group < p.K || bt_off[tk.group] >= 0) continue;
+    if (tk.group < p.K || use_bt[tk.group]) continue;
     late.push_back(q);
     for (int32_t i = 0; i < tk.len; ++i) tok_late[p.ent[p.task_idx[tk.start + i]].tok] = 1;
   }
   float* yp = y.data_ptr<float>();
 
-  // 1) shrink per chunk (experts, packed users), the late users (shrink + expand), the B^T packing
-  const int64_t n1 = p.nchunks + (int64_t)late.size() + (int64_t)packed.size();
+  // 1) shrink per chunk (experts, users with many tokens), and the late users (shrink + expand)
+  const int64_t n1 = p.nchunks + (int64_t)late.size();
   parallel_items(n1, nt, [&](int64_t i, int) {
     if (i < (int64_t)late.size()) {
       const Task& tk = p.tasks[late[i]];
       const GroupDesc& g = p.groups[tk.group];
       const int32_t* idx = p.task_idx.data() + tk.start;
+      if (i + 1 < (int64_t)late.size()) prefetch_head(p.groups[p.tasks[late[i + 1]].group], p.D, p.esz);
       K->shrink(p.dt, xp, p.D, g.a, g.rank, p.ent.data(), idx, tk.len, 1, H.data());
       for (int32_t q = 0; q < tk.len; ++q) std::memset(yp + (int64_t)p.ent[idx[q]].tok * p.O, 0, p.O * sizeof(float));
       K->rowdot(p.dt, g.b, g.ldb, g.rank, 0, p.O, p.ent.data(), idx, tk.len, H.data(), yp, p.O);
       return;
     }
     i -= (int64_t)late.size();
-    if (i >= p.nchunks) {
-      const int32_t gi = packed[i - p.nchunks];
-      const GroupDesc& g = p.groups[gi];
-      K->pack_bt(p.dt, g.b, g.ldb, g.rank, p.O, Bt.data() + bt_off[gi], ldt);
-      return;
-    }
     for (int32_t q = p.chunk_task_ptr[i]; q < p.chunk_task_ptr[i + 1]; ++q) {
       const Task& tk = p.tasks[q];
-      if (tk.group >= p.K && bt_off[tk.group] < 0) continue;  // a late user
+      if (tk.group >= p.K && !use_bt[tk.group]) continue;  // a late user
       const GroupDesc& g = p.groups[tk.group];
       K->shrink(p.dt, xp, p.D, g.a, g.rank, p.ent.data(), p.task_idx.data() + tk.start, tk.len, 1, H.data());
     }
@@ -387,7 +406,9 @@ at::Tensor cpu_forward(const at::Tensor& x, const c10::optional<at::Tensor>& ea,
 
   // 2) expand per (chunk, block of output columns): experts and packed users, added in entry order
   const int64_t nob = (p.O + kExpandCols - 1) / kExpandCols;
-  parallel_items(p.nchunks * nob, nt, [&](int64_t i, int) {
+  parallel_items(p.nchunks * nob, nt, [&](int64_t i, int tid) {
+    std::vector<float>& bt = scratch[tid];
+    if (bt.empty()) bt.resize((size_t)(rank_cap * ldt));
     const int64_t c = i / nob, ob = i % nob;
     const int64_t s = c * p.chunk, e = std::min(p.T, s + p.chunk);
     const int64_t o0 = ob * kExpandCols, o1 = std::min(p.O, o0 + kExpandCols);
@@ -397,9 +418,10 @@ at::Tensor cpu_forward(const at::Tensor& x, const c10::optional<at::Tensor>& ea,
       const Task& tk = p.tasks[q];
       const GroupDesc& g = p.groups[tk.group];
       const int32_t* idx = p.task_idx.data() + tk.start;
-      if (bt_off[tk.group] >= 0)
-        K->accum(kF32, Bt.data() + bt_off[tk.group], ldt, g.rank, o0, o1, p.ent.data(), idx, tk.len, H.data(), yp,
-                 p.O);
+      if (use_bt[tk.group]) {
+        K->pack_bt(p.dt, (const char*)g.b + o0 * g.ldb * p.esz, g.ldb, g.rank, o1 - o0, bt.data(), ldt);
+        K->accum(kF32, bt.data(), ldt, g.rank, o0, o1, p.ent.data(), idx, tk.len, H.data(), yp, p.O);
+      }
       else if (tk.group < p.K)
         K->rowdot(p.dt, g.b, g.ldb, g.rank, o0, o1, p.ent.data(), idx, tk.len, H.data(), yp, p.O);
     }
@@ -431,16 +453,17 @@ std::vector<c10::optional<at::Tensor>> cpu_backward(
 
   const auto f32 = x.options().dtype(at::kFloat);
   const at::ScalarType st = x.scalar_type();
-  const bool direct = st == at::kFloat;  // fp32 grads are written in place; bf16 ones via an fp32 buffer
   at::Tensor dx, dea, deb, dg, dua, dub, dw;
   if (n_dx) dx = at::empty({p.T, p.D}, f32);
-  if (n_ea) dea = at::zeros(ea->sizes(), f32);
-  if (n_eb) deb = at::zeros(eb->sizes(), f32);
+  // Gradients are computed in fp32 (for bf16 inputs converted at the end). The weight gradients are written in
+  // full by their items, plus "zero" items for what none writes (groups without tokens, users' padded ranks), so
+  // the large user gradients are not written twice.
+  if (n_ea) dea = at::empty(ea->sizes(), f32);
+  if (n_eb) deb = at::empty(eb->sizes(), f32);
   if (n_g) dg = at::zeros({p.T, p.K}, f32);
-  if (n_ua) dua = at::zeros(ua->sizes(), f32);
-  if (n_ub) dub = at::zeros(ub->sizes(), f32);
+  if (n_ua) dua = at::empty(ua->sizes(), f32);
+  if (n_ub) dub = at::empty(ub->sizes(), f32);
   if (n_w) dw = at::zeros({p.T}, f32);
-  (void)direct;
 
   std::vector<float> H(need_h ? (size_t)std::max<int64_t>(1, p.nslots) : 1);
   std::vector<float> Dr(need_dr ? (size_t)std::max<int64_t>(1, p.nslots) : 1);
@@ -509,7 +532,7 @@ std::vector<c10::optional<at::Tensor>> cpu_backward(
 
   // 3) dx, dA, dB: independent outputs, one list of items
   struct Item {
-    int8_t kind;  // 0 dx(chunk, d block), 1 dA(group, d block), 2 dB(group, o block)
+    int8_t kind;  // 0 dx(chunk, d block), 1 dA(group, d block), 2 dB(group, o block), 3 zero(group)
     int32_t a;
     int64_t b;
   };
@@ -528,6 +551,13 @@ std::vector<c10::optional<at::Tensor>> cpu_backward(
   if (n_dx)
     for (int64_t c = 0; c < p.nchunks; ++c)
       for (int64_t b = 0; b < nxb; ++b) items.push_back(Item{0, (int32_t)c, b});
+  // groups without tokens (all of their gradient) and users of rank < r_max (the padded rows / columns)
+  for (size_t gi = 0; gi < G; ++gi) {
+    const bool is_e = (int)gi < p.K;
+    const bool empty = p.grp_ptr[gi + 1] == p.grp_ptr[gi];
+    const bool padded = !is_e && p.groups[gi].rank < (has_u ? ua->size(1) : 0);
+    if ((empty || padded) && (is_e ? (n_ea || n_eb) : (n_ua || n_ub))) items.push_back(Item{3, (int32_t)gi, 0});
+  }
 
   float* dxp = n_dx ? dx.data_ptr<float>() : nullptr;
   float* deap = n_ea ? dea.data_ptr<float>() : nullptr;
@@ -552,11 +582,26 @@ std::vector<c10::optional<at::Tensor>> cpu_backward(
         const GroupDesc& g = p.groups[tk.group];
         const int32_t* idx = p.task_idx.data() + tk.start;
         if (ap_off[tk.group] >= 0)
-          K->accum(kF32, Ap.data() + ap_off[tk.group], lda, g.rank, d0, d1, p.ent.data(), idx, tk.len, Dr.data(),
-                   dxp, p.D);
+          K->accum(kF32, Ap.data() + ap_off[tk.group] + d0, lda, g.rank, d0, d1, p.ent.data(), idx, tk.len,
+                   Dr.data(), dxp, p.D);
         else
-          K->accum(p.dt, g.a, p.D, g.rank, d0, d1, p.ent.data(), idx, tk.len, Dr.data(), dxp, p.D);
+          K->accum(p.dt, (const char*)g.a + d0 * p.esz, p.D, g.rank, d0, d1, p.ent.data(), idx, tk.len, Dr.data(),
+                   dxp, p.D);
       }
+      return;
+    }
+    if (it.kind == 3) {  // zero what no dA / dB item writes for this group
+      const int gi = it.a;
+      const bool is_e = gi < p.K;
+      const int64_t rows = is_e ? p.R : rmax;  // rank capacity of the group's tensors
+      const int64_t r0 = p.grp_ptr[gi + 1] == p.grp_ptr[gi] ? 0 : p.groups[gi].rank;
+      float* a = is_e ? (n_ea ? deap + (int64_t)gi * p.R * p.D : nullptr)
+                      : (n_ua ? duap + (int64_t)(gi - p.K) * rmax * p.D : nullptr);
+      float* b = is_e ? (n_eb ? debp + (int64_t)gi * p.O * p.R : nullptr)
+                      : (n_ub ? dubp + (int64_t)(gi - p.K) * p.O * rmax : nullptr);
+      if (a) std::memset(a + r0 * p.D, 0, (rows - r0) * p.D * sizeof(float));
+      if (b)
+        for (int64_t o = 0; o < p.O; ++o) std::memset(b + o * rows + r0, 0, (rows - r0) * sizeof(float));
       return;
     }
     std::vector<float>& scr = scratch[tid];
