@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -121,16 +122,23 @@ def _randomise(model):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def suite_rows(quick: bool = False, n_users: int = 16, seq: int = 64) -> List[Dict[str, object]]:
+def suite_rows(quick: bool = False, n_users: int = 16, seq: int = 64, rounds: int = 5) -> List[Dict[str, object]]:
+    """All providers built first, then timed in interleaved rounds (median per provider), so a burst of load
+    on the shared machine hits every provider alike and the ratios stay meaningful."""
     if quick:
         return []      # a SmolLM2 training step per provider takes too long for the quick subset
+    steps = {name: make() for name, make in make_providers(n_users, seq).items()}
+    for fn in steps.values():
+        fn()                                                    # warm-up
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            times[name].append(measure(fn, warmup=0, min_reps=1, min_seconds=0.0)["ms"])
     rows = []
-    for name, make in make_providers(n_users, seq).items():
-        fn = make()
-        t = measure(fn, warmup=1, min_reps=3, min_seconds=0.0)
-        rows.append({"case": f"train step SmolLM2 {n_users} users x {seq} tokens", "provider": name, "ms": t["ms"],
+    for name, fn in steps.items():
+        rows.append({"case": f"train step SmolLM2 {n_users} users x {seq} tokens", "provider": name,
+                     "ms": statistics.median(times[name]), "min_ms": min(times[name]), "reps": rounds,
                      "peak_mb": peak_memory_mb(fn)})
-        del fn
     base = next(r["ms"] for r in rows if r["provider"] == "base")
     for r in rows:
         r["x_vs_base"] = r["ms"] / base
@@ -142,8 +150,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench_results/train_step")
     p.add_argument("--users", type=int, default=16)
     p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     args = p.parse_args(argv)
-    rows = suite_rows(False, args.users, args.seq)
+    rows = suite_rows(False, args.users, args.seq, args.rounds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_step.json").write_text(json.dumps(rows, indent=2))

@@ -5,6 +5,8 @@ group experts). The callable runs the forward, or forward + backward for trainin
 """
 from __future__ import annotations
 
+import importlib.util
+
 from typing import Callable, Dict, Optional
 
 import torch
@@ -113,11 +115,7 @@ def peft_single_provider(case, kw) -> Optional[Callable]:
 def providers(device: str = "cpu", with_peft: bool = True) -> Dict[str, Callable]:
     out = {f"ours-{b}": backend_provider(b) for b in pk.available_backends(device)}
     out["naive-loop"] = naive_provider
-    if with_peft:
-        try:
-            import peft  # noqa: F401
-            out["peft-mixed"] = peft_mixed_provider
-            out["peft-single"] = peft_single_provider
-        except ImportError:
-            pass
+    if with_peft and importlib.util.find_spec("peft") is not None:
+        out["peft-mixed"] = peft_mixed_provider
+        out["peft-single"] = peft_single_provider
     return out

@@ -14,11 +14,13 @@ from .models import load_smollm2, load_smollm2_tokenizer
 from .patch import (apply_proper, get_stage, init_experts_from_population, linear_modules, proper_layers, set_stage,
                     trainable_parameters)
 from .routers import LoRAAwareRouter, UserAwareRouter, top_k_gates
-from .users import MissingUsersError, users
+from .routing import lora_router_disabled, user_gates, user_routing
+from .users import MissingUsersError, gradient_checkpointing_kwargs, users
 
 __all__ = [
     "ProperConfig", "FFN_TARGETS", "LLAMA_ALL_TARGETS", "STAGES",
-    "apply_proper", "set_stage", "get_stage", "users", "MissingUsersError",
+    "apply_proper", "set_stage", "get_stage", "users", "MissingUsersError", "gradient_checkpointing_kwargs",
+    "lora_router_disabled", "user_routing", "user_gates",
     "import_peft_adapter", "save_pretrained", "from_pretrained", "load_proper_weights", "proper_state_dict",
     "generate_for_users", "load_smollm2", "load_smollm2_tokenizer",
     "ProperLinear", "UserAwareRouter", "LoRAAwareRouter", "top_k_gates",

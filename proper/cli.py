@@ -73,6 +73,10 @@ def _cmd_eval(args) -> int:
         print(f"proper eval: {path} does not exist (run `proper train --out {args.run_dir}` first)", file=sys.stderr)
         return 2
     print(summary_table(json.loads(path.read_text())))
+    if args.report:
+        from .report import write_report
+
+        print(f"report: {write_report(args.run_dir, args.report)}")
     return 0
 
 
@@ -124,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_delegate("proper.train", "run_train_args"))
     e = sub.add_parser("eval", help="print the systems table of a trained run directory")
     e.add_argument("run_dir")
+    e.add_argument("--report", metavar="FILE.md", help="also write markdown tables and a PNG of error by profile size")
     e.set_defaults(func=_cmd_eval)
     return p
 

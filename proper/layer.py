@@ -124,12 +124,9 @@ class ProperLinear(nn.Module):
                 f"lora_router={c.lora_router}")
 
     def base_forward(self, x: Tensor) -> Tensor:
+        """The wrapped layer on x [T, d_in] -> [T, d_out]."""
         if self.conv1d:   # Conv1D: y = x @ W + b with W stored [d_in, d_out]
-            shape = x.shape[:-1] + (self.out_features,)
-            y = x.reshape(-1, self.in_features) @ self.weight
-            if self.bias is not None:
-                y = y + self.bias
-            return y.view(shape)
+            return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
         return F.linear(x, self.weight, self.bias)
 
     def _ranks_arg(self) -> Optional[Tensor]:
@@ -163,7 +160,9 @@ class ProperLinear(nn.Module):
         delta = w = None
         if stage == "user" and cfg.lora_router and batch.has_known:
             u = ids.clamp(min=0)
-            delta, w = self.lora_router(self.user_a[u], self.user_b[u], self.user_ranks[u], self.user_scale[u])
+            # index_select, not [u]: its backward is an index_add, far cheaper than advanced indexing's index_put
+            delta, w = self.lora_router(self.user_a.index_select(0, u), self.user_b.index_select(0, u),
+                                        self.user_ranks[u], self.user_scale[u])
         gates = None
         if cfg.num_experts:
             gates = self.router(ids, extra_logits=delta, cold_start=batch.has_unknown)
@@ -171,20 +170,24 @@ class ProperLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base_forward(x)
+        d_in, d_out = self.in_features, self.out_features
+        T = x.numel() // d_in
+        shape = x.shape[:-1] + (d_out,)
+        xf = x.reshape(T, d_in)
+        # y stays 2-D and is not a view: the delta is added into it in place, which on a view would make
+        # autograd rebase the view's history (CopySlices) and clone the whole output gradient in backward
+        y = self.base_forward(xf)                                                 # [T, d_out]
         st = self._state
         cfg = st.cfg
         stage = st.stage
-        d_in, d_out = self.in_features, self.out_features
-        T = x.numel() // d_in
         if T == 0:
-            return y
+            return y.view(shape)
         ea = eb = gates = ua = ub = ids_t = w_t = None
         expert_scale = cfg.expert_scale
 
         if stage == "population":
             if not self.pop_rank:
-                return y
+                return y.view(shape)
             ea, eb, gates = self.population_a, self.population_b, _ones(x, T)
             expert_scale = cfg.population_scale
         else:
@@ -202,18 +205,14 @@ class ProperLinear(nn.Module):
             else:
                 ids_t = w_t = None
             if ea is None and ua is None:
-                return y
+                return y.view(shape)
 
-        xf = x.reshape(T, d_in)
         if self.training and cfg.dropout > 0:
             xf = F.dropout(xf, cfg.dropout)
-        yf = y.view(T, d_out) if y.is_contiguous() else None   # add the delta in place when we can
-        delta = routed_lora(xf, ea, eb, gates, ua, ub, ids_t,
-                            user_ranks=self._ranks_arg() if ua is not None else None,
-                            expert_scale=expert_scale,
-                            user_scale=self.user_scale if ua is not None else None,
-                            user_weight=w_t, out=yf, backend=cfg.backend, check_values=False)
-        return y if yf is not None else y + delta.view(y.shape)
+        routed_lora(xf, ea, eb, gates, ua, ub, ids_t, user_ranks=self._ranks_arg() if ua is not None else None,
+                    expert_scale=expert_scale, user_scale=self.user_scale if ua is not None else None,
+                    user_weight=w_t, out=y, backend=cfg.backend, check_values=False)   # y += delta
+        return y.view(shape)
 
     def _token_routing(self, batch, stage: str, nb: int, per: int, device) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """Token-level (gates [T, K], w [T]) for this layer; cached in `batch` while gradients are off."""

@@ -47,6 +47,7 @@ most one interval and reproduces the same losses, and metrics written as JSON:
                                  "buckets": {PROFILE-SIZE: {...}}}}, "stages": ..., "groups": ..., "data": ...}
     OUT/history.json            per-step losses and dev evaluations of each stage
     OUT/group_assignments.json  per-user gates (mean over layers), top group and entropy, after group and user
+    OUT/predictions.json        every system's per-example test predictions (paired comparisons, bootstrap CIs)
     OUT/stages/<stage>/         the model after each stage (save_pretrained; proper.from_pretrained loads it)
     OUT/checkpoints/            the latest resumable checkpoint (latest.json points at it)
     OUT/ablations/<name>/       the trained ablations' own checkpoints and progress
@@ -65,7 +66,6 @@ come from scikit-learn (MAE/RMSE) and rouge-score (ROUGE-1/L, generation data).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -83,6 +83,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
+from . import distributed as DD
 from .io import atomic_write
 
 log = logging.getLogger("proper.train")
@@ -91,20 +92,20 @@ STAGES = ("population", "group", "user")
 ABLATIONS = ("population+user", "proper_no_lora_router")
 
 # ------------------------------------------------------------------------------------------------ config
-#: Presets. "default" is sized for ~30 minutes on a 2-core CPU with SmolLM2-135M (30 layers, fp32): a seeded
-#: random subset of 32 users (data.select_users: uniform, so the profile-size distribution is kept), LoRAs on
-#: the FFN projections of the top 10 layers (lora_layers: backward then stops there), 60/40/60 steps of 8
-#: examples for the three stages plus 60 for each trained ablation. Sizing from measured costs on a shared
-#: 2-core machine (a forward of one ~36-token MovieLens prompt through the 30 layers ~0.3-0.6 s, a training
-#: example ~2-3x that); a full default run has not been timed end to end yet. "tiny" is a minutes-long smoke
-#: run (4 users, 6 steps a stage and per ablation, LoRAs on the top 2 layers).
+#: Presets. "default" is sized for ~30 minutes on a quiet 2-core CPU with SmolLM2-135M (30 layers, fp32): a
+#: seeded random subset of 64 users (data.select_users: uniform, so the profile-size distribution is kept;
+#: 128 test ratings), LoRAs on the FFN projections of the top 10 layers (lora_layers: backward then stops
+#: there), 400/150/200 steps of 8 examples for the three stages plus 200 for each trained ablation. Measured
+#: per step on that machine: ~1.1 s (population), ~1 s (user); the user LoRAs train at lr/3 (at lr they
+#: overfit within ~20 steps in a first 32-user run: dev loss rose while the training probe loss rose too).
+#: "tiny" is a minutes-long smoke run (4 users, 6 steps a stage and per ablation, LoRAs on the top 2 layers).
 BUDGETS: Dict[str, Dict[str, Any]] = {
     "tiny": dict(max_users=4, batch_size=4, steps_population=6, steps_group=6, steps_user=6, eval_every=3,
                  patience=3, num_experts=2, top_k=0, expert_rank=4, user_rank=2, dev_max=4, test_max=None,
-                 max_len=128, lr=2e-3, router_lr=2e-2, lora_layers=2),
-    "default": dict(max_users=32, batch_size=8, steps_population=60, steps_group=40, steps_user=60,
-                    eval_every=20, patience=3, num_experts=4, top_k=2, expert_rank=8, user_rank=4, dev_max=32,
-                    test_max=None, max_len=128, lr=1e-3, router_lr=1e-2, lora_layers=10),
+                 max_len=128, lr=2e-3, user_lr=None, router_lr=2e-2, lora_layers=2),
+    "default": dict(max_users=64, batch_size=8, steps_population=400, steps_group=150, steps_user=200,
+                    eval_every=50, patience=3, num_experts=4, top_k=2, expert_rank=8, user_rank=4, dev_max=64,
+                    test_max=None, max_len=128, lr=1e-3, user_lr=3e-4, router_lr=1e-2, lora_layers=10),
 }
 
 
@@ -131,6 +132,7 @@ class TrainConfig:
     target_modules: Tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     lora_layers: Any = None            # adapt only the top N decoder layers; 0 or "all": every layer
     lr: Optional[float] = None         # LoRA learning rate (AdamW, constant, no weight decay)
+    user_lr: Optional[float] = None    # the user LoRAs' learning rate in the user stage (None: lr)
     router_lr: Optional[float] = None  # routers' learning rate
     lb_coef: float = 0.01              # load-balancing term of the group loss
     distinct_coef: float = 0.01        # experts-distinct term of the group loss
@@ -369,6 +371,7 @@ def score_next_token(model, items: Sequence[Encoded], pad_id: int, batch_size: i
     was = model.training
     model.eval()
     nll, probs = [], []
+    items = DD.shard(items)   # each rank scores its slice; gathered back in order below
     try:
         for s in range(0, len(items), batch_size):
             chunk = items[s: s + batch_size]
@@ -383,9 +386,10 @@ def score_next_token(model, items: Sequence[Encoded], pad_id: int, batch_size: i
                 probs.append(torch.softmax(logits[:, list(candidate_ids)], -1))
     finally:
         model.train(was)
-    out = {"nll": torch.cat(nll).numpy()}
+    out = {"nll": np.asarray(DD.gather_sharded(torch.cat(nll).tolist() if nll else []), dtype=np.float64)}
     if candidate_ids is not None:
-        out["probs"] = torch.cat(probs).numpy()
+        rows = DD.gather_sharded(torch.cat(probs).tolist() if probs else [])
+        out["probs"] = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(candidate_ids))
     return out
 
 
@@ -395,6 +399,7 @@ def mean_lm_loss(model, items: Sequence[Encoded], pad_id: int, batch_size: int) 
     was = model.training
     model.eval()
     tot, n = 0.0, 0
+    items = DD.shard(items)
     try:
         for s in range(0, len(items), batch_size):
             b = collate(items[s: s + batch_size], pad_id)
@@ -403,6 +408,7 @@ def mean_lm_loss(model, items: Sequence[Encoded], pad_id: int, batch_size: int) 
             n += k
     finally:
         model.train(was)
+    tot, n = DD.all_reduce_sum([tot, n])
     return tot / max(n, 1)
 
 
@@ -454,8 +460,10 @@ def rouge_metrics(refs: Sequence[str], preds: Sequence[str], sizes: Sequence[int
     return out
 
 
-def classic_baselines(dataset: D.Dataset, test: Sequence[D.Example]) -> Dict[str, Dict[str, Any]]:
-    """user_mean and item_mean on the test examples (rating data only); see the module docstring."""
+def classic_baselines(dataset: D.Dataset, test: Sequence[D.Example],
+                      predictions: Optional[Dict[str, Any]] = None) -> Dict[str, Dict[str, Any]]:
+    """user_mean and item_mean on the test examples (rating data only); see the module docstring. Their
+    per-example predictions go into ``predictions[name]["pred"]`` when a dict is given."""
     train = dataset.examples("train")
     glob = float(np.mean([float(ex.target) for ex in train]))
     by_user: Dict[str, List[float]] = {}
@@ -466,44 +474,25 @@ def classic_baselines(dataset: D.Dataset, test: Sequence[D.Example]) -> Dict[str
             by_item.setdefault(ex.meta["item"], []).append(float(ex.target))
     y = [float(ex.target) for ex in test]
     sizes = [dataset.users[ex.user].profile_size for ex in test]
-    out = {"user_mean": rating_metrics(y, [float(np.mean(by_user.get(ex.user, [glob]))) for ex in test], sizes)}
+    preds = {"user_mean": [float(np.mean(by_user.get(ex.user, [glob]))) for ex in test]}
     if by_item:
-        out["item_mean"] = rating_metrics(
-            y, [float(np.mean(by_item[ex.meta.get("item")])) if ex.meta.get("item") in by_item else glob
-                for ex in test], sizes)
+        preds["item_mean"] = [float(np.mean(by_item[ex.meta.get("item")])) if ex.meta.get("item") in by_item
+                              else glob for ex in test]
+    out = {name: rating_metrics(y, p, sizes) for name, p in preds.items()}
+    if by_item:
         out["item_mean"]["unseen_items"] = sum(ex.meta.get("item") not in by_item for ex in test)
+    if predictions is not None:
+        predictions.update({name: {"pred": p} for name, p in preds.items()})
     return out
 
 
 # -------------------------------------------------------------------------------------------- the trainer
-@contextlib.contextmanager
-def lora_router_off(model):
-    """Inference with the LoRA-aware router switched off (w = 1, the user-aware gates); restored after."""
-    from .patch import get_state
-
-    cfg = get_state(model).cfg
-    old = cfg.lora_router
-    cfg.lora_router = False
-    try:
-        yield model
-    finally:
-        cfg.lora_router = old
-
-
-@torch.no_grad()
 def user_gates(model, rows: torch.Tensor, stage: str) -> Optional[np.ndarray]:
     """[L, U, K] gates of each user in each layer as the ``stage`` routes them (None without experts)."""
-    import proper
-    from .users import UserBatch
+    from .routing import user_gates as gates
 
-    out = []
-    for layer in proper.proper_layers(model).values():
-        if getattr(layer, "router", None) is None:
-            return None
-        batch = UserBatch(rows)
-        g, _ = layer.route_users(batch, rows, stage)
-        out.append(g.float())
-    return torch.stack(out).numpy()
+    g = gates(model, rows, stage)
+    return None if g is None else g.numpy()
 
 
 def group_report(gates: np.ndarray, users: Sequence[str]) -> Dict[str, Any]:
@@ -558,7 +547,7 @@ class Trainer:
         self.probe_items = [self.train_items[i] for i in probe[: max(8, 2 * cfg.batch_size)]]
         self.sizes = [dataset.users[ex.user].profile_size for ex in self.test_examples]
         self.progress_path = self.out / "progress.json"
-        self.state: Dict[str, Any] = {"systems": {}, "stages": {}, "history": {}, "groups": {}}
+        self.state: Dict[str, Any] = {"systems": {}, "stages": {}, "history": {}, "groups": {}, "predictions": {}}
 
     # ------------------------------------------------------------------------------ batches
     def batch(self, stage: str, step: int):
@@ -569,7 +558,8 @@ class Trainer:
             idx = [self.by_user[u][rng.integers(0, len(self.by_user[u]))] for u in us]
         else:
             idx = rng.integers(0, len(self.train_items), bs).tolist()
-        return collate([self.train_items[i] for i in idx], self.pad)
+        # the global batch is the same on every rank; each rank trains on its slice (proper.distributed)
+        return collate([self.train_items[i] for i in DD.shard(idx)], self.pad)
 
     # ------------------------------------------------------------------------------ evaluation
     def dev_loss(self) -> Dict[str, float]:
@@ -587,15 +577,20 @@ class Trainer:
             s = score_next_token(self.model, items, self.pad, self.cfg.eval_batch_size, self.rating_ids)
             probs = s["probs"]
             y = [float(ex.target) for ex in self.test_examples]
-            res = rating_metrics(y, probs.argmax(-1) + 1, self.sizes, probs @ np.arange(1, 6))
+            pred, expected = probs.argmax(-1) + 1, probs @ np.arange(1, 6)
+            res = rating_metrics(y, pred, self.sizes, expected)
             res["nll"] = float(s["nll"].mean())
+            self.state.setdefault("predictions", {})[name] = {"pred": pred.tolist(),
+                                                              "expected": [round(float(v), 5) for v in expected]}
         else:
             from .generate import generate_for_users
 
-            pairs = [(it.row, ex.input) for it, ex in zip(items, self.test_examples)]
+            pairs = DD.shard([(it.row, ex.input) for it, ex in zip(items, self.test_examples)])
             preds = generate_for_users(self.model, self.tok, pairs, max_new_tokens=self.cfg.max_new_tokens,
-                                       batch_size=self.cfg.eval_batch_size)
+                                       batch_size=self.cfg.eval_batch_size) if pairs else []
+            preds = DD.gather_sharded(preds)
             res = rouge_metrics([ex.target for ex in self.test_examples], [p.strip() for p in preds], self.sizes)
+            self.state.setdefault("predictions", {})[name] = {"pred": [p.strip() for p in preds]}
         res["seconds"] = round(time.time() - t0, 2)
         self.state["systems"][name] = res
         log.info("%s: %s", name, _fmt_system(res))
@@ -610,6 +605,9 @@ class Trainer:
         older folders are removed. A crash at any point leaves a complete checkpoint that latest.json names."""
         import proper
 
+        if not DD.is_main():
+            DD.barrier()   # rank 0 writes; the others wait so that a resume sees a complete checkpoint
+            return
         root = self._ckpt_root()
         root.mkdir(parents=True, exist_ok=True)
         name = f"{stage}-{step:06d}{'-done' if finished else ''}"
@@ -629,9 +627,11 @@ class Trainer:
         for old in root.iterdir():
             if old.is_dir() and old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
+        DD.barrier()
 
     def _save_progress(self) -> None:
-        _atomic_json(self.progress_path, self.state)
+        if DD.is_main():
+            _atomic_json(self.progress_path, self.state)
 
     # ------------------------------------------------------------------------------ a stage
     def _optimizer(self, stage: str):
@@ -639,7 +639,8 @@ class Trainer:
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 groups["router" if "router." in name else "lora"].append(p)
-        params = [{"params": groups["lora"], "lr": self.cfg.lr},
+        lr = self.cfg.user_lr if (stage == "user" and self.cfg.user_lr) else self.cfg.lr
+        params = [{"params": groups["lora"], "lr": lr},
                   {"params": groups["router"], "lr": self.cfg.router_lr}]
         return torch.optim.AdamW([g for g in params if g["params"]], weight_decay=0.0)
 
@@ -698,6 +699,9 @@ class Trainer:
                 loss, parts = self.stage_loss(stage, self.batch(stage, step))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                DD.average_gradients(list(named.values()))
+                if DD.world_size() > 1:   # log the mean over the ranks' slices
+                    parts = dict(zip(parts, (v / DD.world_size() for v in DD.all_reduce_sum(parts.values()))))
                 gn = torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.grad_clip)
                 if stage != "population":
                     parts["router_grad_norm"] = _grad_norm([p for n, p in named.items() if "router." in n])
@@ -753,13 +757,14 @@ class Trainer:
         else:
             self.evaluate_system("proper")
             if proper.proper_layers(self.model) and _cfg(self.model).lora_router:
-                with lora_router_off(self.model):
+                with proper.lora_router_disabled(self.model):
                     self.evaluate_system("proper_router_off_at_inference")
             self.evaluate_system("proper_cold_start", cold=True)
             g = user_gates(self.model, rows, "user")
             if g is not None:
                 self.state["groups"]["user"] = group_report(g, self.ds.user_list)
-        proper.save_pretrained(self.model, self.out / "stages" / stage)
+        if DD.is_main():
+            proper.save_pretrained(self.model, self.out / "stages" / stage)
 
 
 def ablation_config(name: str, main):
@@ -801,6 +806,7 @@ def run_ablation(name: str, main: "Trainer", loader: Callable[[], Tuple[Any, Any
     else:
         proper.apply_proper(model, ablation_config(name, _cfg(main.model)))
         copy_frozen_parts(main.model, model)
+        _broadcast_adapters(model)
     tr = Trainer(cfg, main.ds, model, tok, progress=main.progress)
     if resume_state is not None and tr.progress_path.is_file():
         tr.state = json.loads(tr.progress_path.read_text())
@@ -814,8 +820,16 @@ def run_ablation(name: str, main: "Trainer", loader: Callable[[], Tuple[Any, Any
     main.state["stages"][name] = tr.state["stages"].get("user", {})
     main.state["history"][name] = tr.state["history"].get("user", {})
     main.state["systems"][name] = res
+    main.state.setdefault("predictions", {})[name] = tr.state.get("predictions", {}).get(name)
     main._save_progress()
     return res
+
+
+def _broadcast_adapters(model) -> None:
+    """Under data parallelism, start every rank from rank 0's freshly initialised adapters and routers."""
+    from .io import proper_state_dict
+
+    DD.broadcast_parameters(list(proper_state_dict(model).values()))
 
 
 def _cfg(model):
@@ -864,6 +878,11 @@ def run_train(cfg: TrainConfig, *, model_loader: Optional[Callable[[], Tuple[Any
     import proper
 
     cfg = cfg.resolved()
+    distributed = DD.init_from_env()
+    if cfg.batch_size < DD.world_size():
+        raise ValueError(f"--batch-size ({cfg.batch_size}) must be >= the number of processes ({DD.world_size()}): "
+                         f"each rank trains on its slice of the global batch")
+    progress = progress and DD.is_main()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -901,18 +920,20 @@ def run_train(cfg: TrainConfig, *, model_loader: Optional[Callable[[], Tuple[Any
                                    target_modules=target_modules(model, cfg.target_modules, cfg.lora_layers),
                                    backend=cfg.backend)
         proper.apply_proper(model, pcfg)
+        _broadcast_adapters(model)
 
     tr = Trainer(cfg, ds, model, tok, progress=progress)
     if resume_state is not None and tr.progress_path.is_file():
         tr.state = json.loads(tr.progress_path.read_text())
-    _atomic_json(out / "run_config.json", {"train": dataclasses.asdict(cfg), "proper": _cfg(model).to_dict(),
-                                           "users": ds.user_list})
+    if DD.is_main():
+        _atomic_json(out / "run_config.json", {"train": dataclasses.asdict(cfg), "proper": _cfg(model).to_dict(),
+                                               "users": ds.user_list})
     done = resume_state["stage"] if resume_state is not None and resume_state["finished"] else None
     mid = resume_state if resume_state is not None and not resume_state["finished"] else None
     t0 = time.time()
     if resume_state is None:
         if ds.task == "rating":
-            tr.state["systems"].update(classic_baselines(ds, tr.test_examples))
+            tr.state["systems"].update(classic_baselines(ds, tr.test_examples, tr.state.setdefault("predictions", {})))
         proper.set_stage(model, "population")
         tr.evaluate_system("base")
     stages = [s for s in STAGES if not (s == "group" and cfg.num_experts == 0)]
@@ -944,9 +965,23 @@ def run_train(cfg: TrainConfig, *, model_loader: Optional[Callable[[], Tuple[Any
                         "profile_buckets": _bucket_counts(ds)},
                "config": dataclasses.asdict(cfg), "proper_config": _cfg(model).to_dict(),
                "seconds_this_session": round(time.time() - t0, 1)}
-    _atomic_json(out / "metrics.json", metrics)
-    _atomic_json(out / "history.json", tr.state["history"])
-    _atomic_json(out / "group_assignments.json", tr.state["groups"])
+    if distributed:
+        from .io import proper_state_dict
+
+        digests = DD.gather_digests(proper_state_dict(model))
+        metrics["distributed"] = {"world_size": DD.world_size(), "backend": torch.distributed.get_backend(),
+                                  "weights_sha256_per_rank": digests}
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"data-parallel ranks finished with different weights: {digests}")
+    if DD.is_main():
+        _atomic_json(out / "metrics.json", metrics)
+        _atomic_json(out / "history.json", tr.state["history"])
+        _atomic_json(out / "group_assignments.json", tr.state["groups"])
+        _atomic_json(out / "predictions.json", {
+            "examples": [{"user": ex.user, "target": ex.target, "profile_size": n}
+                         for ex, n in zip(tr.test_examples, tr.sizes)],
+            "systems": tr.state.get("predictions", {})})
+    DD.barrier()
     return metrics
 
 
@@ -980,7 +1015,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.json")
     for name, typ in (("batch_size", int), ("steps_population", int), ("steps_group", int), ("steps_user", int),
                       ("eval_every", int), ("patience", int), ("num_experts", int), ("top_k", int),
-                      ("expert_rank", int), ("user_rank", int), ("lr", float), ("router_lr", float),
+                      ("expert_rank", int), ("user_rank", int), ("lr", float), ("user_lr", float), ("router_lr", float),
                       ("max_len", int), ("dev_max", int), ("test_max", int), ("num_layers", int),
                       ("max_history", int)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
@@ -1030,6 +1065,9 @@ def run_train_args(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"proper train: {e}", file=sys.stderr)
         return 2
+    if DD.init_from_env() and not DD.is_main():
+        logging.getLogger("proper").setLevel(logging.WARNING)   # one rank reports
+    main = DD.is_main()
     try:
         metrics = run_train(cfg, progress=not getattr(args, "no_progress", False))
     except (D.DataError, D.MissingDataError, FileNotFoundError) as e:
@@ -1038,8 +1076,12 @@ def run_train_args(args: argparse.Namespace) -> int:
     except TrainingInterrupted as e:
         print(f"proper train: {e}; continue with --resume", file=sys.stderr)
         return 3
-    print(summary_table(metrics))
-    print(f"metrics: {Path(cfg.out) / 'metrics.json'}")
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if main:
+        print(summary_table(metrics))
+        print(f"metrics: {Path(cfg.out) / 'metrics.json'}")
     return 0
 
 

@@ -113,6 +113,30 @@ def users(model, user_ids: Union[Tensor, Sequence[int]]) -> Iterator[UserBatch]:
         _ACTIVE.reset(token)
 
 
+def checkpoint_context_fn():
+    """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): the recomputation in backward runs inside
+    the users contexts that were active when the segment ran forward (the ``users()`` block has usually been
+    left by the time ``loss.backward()`` runs). Captured per segment, so gradient accumulation over several
+    batches recomputes each with its own users. Use through :func:`gradient_checkpointing_kwargs`."""
+    captured = _ACTIVE.get()
+
+    @contextlib.contextmanager
+    def recompute():
+        token = _ACTIVE.set(captured)
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
+
+    return contextlib.nullcontext(), recompute()
+
+
+def gradient_checkpointing_kwargs() -> dict:
+    """For Hugging Face models: ``model.gradient_checkpointing_enable(
+    gradient_checkpointing_kwargs=proper.gradient_checkpointing_kwargs())``."""
+    return {"use_reentrant": False, "context_fn": checkpoint_context_fn}
+
+
 def active_batch(state) -> Optional[UserBatch]:
     """The UserBatch of `state`'s model in this thread/context, or None."""
     active = _ACTIVE.get()
@@ -125,5 +149,7 @@ def current_batch(state, where: str = "") -> UserBatch:
         raise MissingUsersError(
             f"proper: stage {state.stage!r} routes per user, but {where or 'a ProperLinear'} ran outside a "
             f"users context. Wrap the forward/generate/training step in `with proper.users(model, user_ids):` "
-            f"(user_ids: one id per sequence, -1 = none), or use set_stage(model, 'population').")
+            f"(user_ids: one id per sequence, -1 = none), or use set_stage(model, 'population'). With gradient "
+            f"checkpointing, enable it with gradient_checkpointing_kwargs=proper.gradient_checkpointing_kwargs() "
+            f"so the recomputation in backward sees the users.")
     return batch

@@ -247,3 +247,31 @@ def test_lamp_without_golds_is_refused_before_loading_a_model(tmp_path):
 
     with pytest.raises(D.DataError, match="no outputs"):
         T.run_train(T.TrainConfig(data=str(q), out=str(tmp_path / "o"), budget="tiny"), model_loader=loader)
+
+
+def test_paired_bootstrap():
+    from proper.report import paired_bootstrap
+
+    same = paired_bootstrap([1, 0, 2, 1], [1, 0, 2, 1])
+    assert same["diff"] == 0 and same["lo"] == 0 and same["hi"] == 0
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random(200), rng.random(200) + 0.5
+    r = paired_bootstrap(a, b)
+    assert r["hi"] < 0 and r["lo"] < r["diff"] < r["hi"] and r["n"] == 200
+
+
+@pytest.mark.slow
+def test_report_and_predictions_of_the_run(straight_run, tmp_path):
+    from proper.report import write_report
+
+    out, metrics, _ = straight_run
+    preds = json.loads((out / "predictions.json").read_text())
+    assert len(preds["examples"]) == 4 and set(metrics["systems"]) <= set(preds["systems"])
+    y = [float(e["target"]) for e in preds["examples"]]
+    mae = sum(abs(p - t) for p, t in zip(preds["systems"]["proper"]["pred"], y)) / len(y)
+    assert mae == pytest.approx(metrics["systems"]["proper"]["mae"])
+    text = write_report(out, tmp_path / "r.md").read_text()
+    assert "| proper |" in text and "95% CI" in text and "| proper_cold_start |" in text
+    assert (tmp_path / "r_by_profile.png").stat().st_size > 10_000
