@@ -6,7 +6,6 @@ group experts). The callable runs the forward, or forward + backward for trainin
 from __future__ import annotations
 
 import importlib.util
-
 from typing import Callable, Dict, Optional
 
 import torch
