@@ -22,12 +22,10 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
-from tqdm import tqdm
 
 if __package__ in (None, ""):                      # `python benchmarks/bench_generate.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,6 +33,7 @@ if __package__ in (None, ""):                      # `python benchmarks/bench_ge
 import proper  # noqa: E402
 import proper_kernels as pk  # noqa: E402
 from proper.speed import LLAMA7, build_peft_mixed, build_proper_serving, demo_prompts  # noqa: E402
+from proper.timing import interleaved_times  # noqa: E402
 
 GOAL_VS_BASE = 1.35
 GOAL_VS_PEFT = 2.7
@@ -48,12 +47,6 @@ def build_proper(base, users: int, backend: str):
 
 def build_peft(base, users: int):
     return build_peft_mixed(base, users, copy_base=True)
-
-
-def timed(fn: Callable[[], torch.Tensor]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def profile_one(fn: Callable[[], object], path: Path, rows: int = 25) -> Dict[str, float]:
@@ -118,13 +111,8 @@ def main(argv=None) -> int:
         names = [f"u{u}" for u in range(args.prompts)]
         runs["peft"] = lambda: pm.generate(**enc, **gen_kw, adapter_names=names)
 
-    times: Dict[str, List[float]] = {k: [] for k in runs}
     with torch.no_grad():
-        for k, fn in tqdm(runs.items(), desc="warm-up", leave=False):
-            fn()
-        for _ in tqdm(range(args.reps), desc="reps", leave=False):
-            for k, fn in runs.items():
-                times[k].append(timed(fn))
+        times = interleaved_times(runs, args.reps, warmup=1, progress=True)
         first = next(iter(models.values())) if models else None
         if first is not None:     # sanity: distinct users really get different continuations
             with proper.users(first, user_ids):

@@ -26,7 +26,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proper.timing import measure, peak_memory_mb  # noqa: E402
+from proper.timing import interleaved_times, peak_memory_mb  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -128,16 +128,11 @@ def suite_rows(quick: bool = False, n_users: int = 16, seq: int = 64, rounds: in
     if quick:
         return []      # a SmolLM2 training step per provider takes too long for the quick subset
     steps = {name: make() for name, make in make_providers(n_users, seq).items()}
-    for fn in steps.values():
-        fn()                                                    # warm-up
-    times: Dict[str, List[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            times[name].append(measure(fn, warmup=0, min_reps=1, min_seconds=0.0)["ms"])
+    times = interleaved_times(steps, rounds, warmup=1, progress=True)
     rows = []
     for name, fn in steps.items():
         rows.append({"case": f"train step SmolLM2 {n_users} users x {seq} tokens", "provider": name,
-                     "ms": statistics.median(times[name]), "min_ms": min(times[name]), "reps": rounds,
+                     "ms": 1e3 * statistics.median(times[name]), "min_ms": 1e3 * min(times[name]), "reps": rounds,
                      "peak_mb": peak_memory_mb(fn)})
     base = next(r["ms"] for r in rows if r["provider"] == "base")
     for r in rows:

@@ -74,19 +74,16 @@ def personalised_outputs(run: Path, quick: bool, new_tokens: int = 3) -> List[Di
 
 
 def generation_speed(n_users: int, new_tokens: int, quick: bool, reps: int) -> Dict[str, float]:
-    """Median seconds of one batched generate for n_users prompts: base, proper, peft mixed batch."""
-    from .speed import build_peft_mixed, build_proper_serving, demo_prompts, time_generate
+    """Median seconds of one batched generate for n_users prompts: base, proper, peft mixed batch (three copies
+    of the model, timed in interleaved rounds)."""
+    from .speed import build_peft_mixed, build_proper_serving, demo_prompts, time_generate_interleaved
 
-    model, tok = _load(None, quick)
-    prompts = demo_prompts(n_users)
-    results = {"base": time_generate(model, tok, prompts, None, new_tokens, reps)}
-    ours = build_proper_serving(model, n_users)
-    results["proper"] = time_generate(ours, tok, prompts, list(range(n_users)), new_tokens, reps)
-    model, tok = _load(None, quick)
-    peft = build_peft_mixed(model, n_users)
-    results["peft mixed batch"] = time_generate(peft, tok, prompts, [f"u{i}" for i in range(n_users)],
-                                                new_tokens, reps)
-    return results
+    base, tok = _load(None, quick)
+    ours = build_proper_serving(_load(None, quick)[0], n_users)
+    peft = build_peft_mixed(_load(None, quick)[0], n_users)
+    setups = {"base": (base, tok, None), "proper": (ours, tok, list(range(n_users))),
+              "peft mixed batch": (peft, tok, [f"u{i}" for i in range(n_users)])}
+    return time_generate_interleaved(setups, demo_prompts(n_users), new_tokens, reps)
 
 
 def run_demo(quick: bool = False, skip_model: bool = False, users: int = 4, out: Optional[str] = None) -> int:
@@ -109,7 +106,7 @@ def run_demo(quick: bool = False, skip_model: bool = False, users: int = 4, out:
         print(f"| {r['user']} | {movie} | {r['target']} | {r['base']!r} | {r['proper']!r} |")
 
     n, new = (4, 4) if quick else (16, 32)
-    _banner(f"4. speed: {n} prompts from {n} users, {new} new tokens, greedy (median of the runs, this machine)")
+    _banner(f"4. speed: {n} prompts from {n} users, {new} new tokens, greedy (median of interleaved runs, this machine)")
     t = generation_speed(n, new, quick, reps=1 if quick else 3)
     print("| provider | s | x base time |\n|---|---:|---:|")
     for name, s in t.items():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from typing import List, Optional, Sequence
 
 import torch
@@ -82,12 +81,13 @@ def generate_once(model, tok, prompts: Sequence[str], users: Optional[Sequence],
         return model.generate(**enc, **kw)
 
 
-def time_generate(model, tok, prompts, users, new_tokens: int, reps: int = 3) -> float:
-    """Median wall seconds of :func:`generate_once` over `reps` runs after one warm-up."""
-    generate_once(model, tok, prompts, users, min(2, new_tokens))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        generate_once(model, tok, prompts, users, new_tokens)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def time_generate_interleaved(setups, prompts, new_tokens: int, reps: int = 3) -> dict:
+    """Median wall seconds of :func:`generate_once` per set-up; ``setups`` maps a name to (model, tok, users).
+    One warm-up each (2 tokens), then ``reps`` interleaved rounds (proper.timing.interleaved_times)."""
+    from .timing import interleaved_times
+
+    for model, tok, users in setups.values():
+        generate_once(model, tok, prompts, users, min(2, new_tokens))
+    fns = {name: (lambda m=m, t=t, u=u: generate_once(m, t, prompts, u, new_tokens))
+           for name, (m, t, u) in setups.items()}
+    return {name: statistics.median(v) for name, v in interleaved_times(fns, reps, warmup=0).items()}

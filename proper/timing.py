@@ -7,7 +7,7 @@ import os
 import statistics
 import threading
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import torch
 
@@ -31,6 +31,27 @@ def measure(fn: Callable[[], object], *, warmup: int = 2, min_reps: int = 5, min
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return {"ms": statistics.median(times), "min_ms": min(times), "reps": len(times)}
+
+
+def interleaved_times(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 1,
+                      progress: bool = False) -> Dict[str, List[float]]:
+    """Wall seconds of each ``fns[name]()`` over ``reps`` rounds that call every fn once, after ``warmup`` calls
+    each: a burst of load on a shared machine then hits every set-up alike, so their ratios stay meaningful."""
+    rounds = range(reps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rounds = tqdm(rounds, desc="timing rounds", leave=False)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in rounds:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def _set_mmap_threshold(nbytes: int) -> None:

@@ -48,3 +48,12 @@ def test_bench_runner_writes_jsonl_markdown_plots(tmp_path, monkeypatch):
     target = tmp_path / "BENCHMARKS.md"
     run.regen(tmp_path, target)
     assert "speed_vs_users.png" in target.read_text()
+
+
+def test_interleaved_times_alternates_the_setups():
+    from proper.timing import interleaved_times
+
+    calls = []
+    t = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert {k: len(v) for k, v in t.items()} == {"a": 3, "b": 3} and all(x >= 0 for v in t.values() for x in v)
