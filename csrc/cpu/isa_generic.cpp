@@ -21,14 +21,15 @@ struct V {
     __builtin_memcpy(&r, p, sizeof(r));
     return r;
   }
+  static inline float widen(uint16_t h) {  // bf16 -> fp32 is a 16-bit left shift
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+  }
   static inline R load(const uint16_t* p) {
     R r;
-    for (int i = 0; i < W; ++i) {
-      const uint32_t u = (uint32_t)p[i] << 16;
-      float f;
-      __builtin_memcpy(&f, &u, 4);
-      r[i] = f;
-    }
+    for (int i = 0; i < W; ++i) r[i] = widen(p[i]);
     return r;
   }
   static inline R load_n(const float* p, int n) {
@@ -38,12 +39,7 @@ struct V {
   }
   static inline R load_n(const uint16_t* p, int n) {
     R r = R{};
-    for (int i = 0; i < n; ++i) {
-      const uint32_t u = (uint32_t)p[i] << 16;
-      float f;
-      __builtin_memcpy(&f, &u, 4);
-      r[i] = f;
-    }
+    for (int i = 0; i < n; ++i) r[i] = widen(p[i]);
     return r;
   }
   static inline R fma(R a, R b, R c) { return a * b + c; }
