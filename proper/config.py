@@ -6,10 +6,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
+from proper_kernels import BACKENDS as _KERNEL_BACKENDS
+
 # The paper puts its LoRAs on the FFN projections; attention projections are opt-in.
 FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")
 LLAMA_ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
+BACKENDS = ("auto", *_KERNEL_BACKENDS)   # the op's own registry: a new kernel backend is accepted here too
 
 
 @dataclass

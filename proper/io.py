@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import ProperConfig
-from .patch import apply_proper, get_state
+from .patch import _STATE_ATTR, apply_proper, get_state, set_stage
 
 WEIGHTS_NAME = "proper_model.safetensors"
 CONFIG_NAME = "proper_config.json"
@@ -133,17 +133,15 @@ def load_proper_weights(model: nn.Module, tensors: Mapping[str, Tensor]) -> None
 
 def from_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     """Patch `model` (a fresh base model, or one already patched with the same config) and load a save."""
-    from .patch import set_stage
-
     info, tensors = read_saved(path)
     cfg = ProperConfig.from_dict(info["config"])
-    if getattr(model, "_proper_state", None) is None:
+    if getattr(model, _STATE_ATTR, None) is None:
         apply_proper(model, cfg)
     elif get_state(model).cfg != cfg:
         raise ValueError(f"proper.from_pretrained: the model is already patched with a different config "
                          f"({get_state(model).cfg}) than the save ({cfg})")
-    load_proper_weights(model, tensors)
     state = get_state(model)
+    load_proper_weights(model, tensors)
     set_stage(model, info.get("stage", "user"), init_experts=False)
     state.experts_initialized = bool(info.get("experts_initialized", False))
     return model

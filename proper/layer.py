@@ -38,10 +38,6 @@ class ProperState:
         self.experts_initialized = False   # the experts were copied from the population LoRA
         self.layers: Dict[str, "ProperLinear"] = {}
 
-    @property
-    def needs_users(self) -> bool:
-        return self.stage != "population"
-
 
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's Conv1D: a linear layer that stores its weight as [d_in, d_out]."""
@@ -193,17 +189,15 @@ class ProperLinear(nn.Module):
         else:
             batch = _users.current_batch(st, self.name)
             nb = x.shape[0] if x.dim() >= 2 else 1
-            ids_t = batch.token_ids(nb, T // nb, x.device)                       # [T]
             gates, w_t = self._token_routing(batch, stage, nb, T // nb, x.device)
             if gates is not None:
                 ea, eb = self.expert_a, self.expert_b
             elif stage == "user" and self.pop_rank and not cfg.num_experts:
                 ea, eb, gates = self.population_a, self.population_b, _ones(x, T)   # K = 1, gate 1
                 expert_scale = cfg.population_scale
-            if stage == "user" and batch.has_known:
+            if stage == "user" and batch.has_known:   # (w_t is None otherwise: route_users gives no w)
                 ua, ub = self.user_a, self.user_b
-            else:
-                ids_t = w_t = None
+                ids_t = batch.token_ids(nb, T // nb, x.device)                   # [T]
             if ea is None and ua is None:
                 return y.view(shape)
 

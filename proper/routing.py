@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .patch import get_state, proper_layers
-from .users import UserBatch, _as_ids
+from .users import make_batch
 
 
 @contextlib.contextmanager
@@ -39,12 +39,10 @@ def user_routing(model: nn.Module, user_ids: Union[Tensor, Sequence[int]],
     state = get_state(model)
     stage = stage or state.stage
     layers = proper_layers(model)
-    device = next(iter(layers.values())).user_a.device
-    ids = _as_ids(user_ids, state.cfg.num_users, device)
-    batch = UserBatch(ids)
+    batch = make_batch(state, user_ids)
     if stage == "population":
         return {name: (None, None) for name in layers}
-    return {name: layer.route_users(batch, ids, stage) for name, layer in layers.items()}
+    return {name: layer.route_users(batch, batch.ids, stage) for name, layer in layers.items()}
 
 
 def user_gates(model: nn.Module, user_ids: Union[Tensor, Sequence[int]],

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Dict, Iterator, Optional, Sequence, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -29,9 +29,8 @@ class MissingUsersError(RuntimeError):
 class UserBatch:
     """Validated user ids of one context, plus caches that live as long as the context."""
 
-    def __init__(self, ids: Tensor):
-        self.ids = ids                                   # [B] int64, in [-1, U)
-        lo, hi = (int(v) for v in torch.stack([ids.min(), ids.max()]).tolist())
+    def __init__(self, ids: Tensor, lo: int, hi: int):
+        self.ids = ids                                   # [B] int64, in [-1, U); lo / hi: its min / max
         self.has_unknown = lo < 0                        # some sequence has no user (cold start)
         self.has_known = hi >= 0                         # some sequence has a user adapter
         self.cache: dict = {}                            # per-layer routing under no_grad (see layer.py)
@@ -69,7 +68,8 @@ class UserBatch:
         return t
 
 
-def _as_ids(user_ids, num_users: int, device) -> Tensor:
+def _as_ids(user_ids, num_users: int, device) -> Tuple[Tensor, int, int]:
+    """user_ids as a validated [B] int64 tensor on ``device``, with its min and max (one host sync)."""
     if isinstance(user_ids, Tensor):
         t = user_ids
     else:
@@ -90,7 +90,13 @@ def _as_ids(user_ids, num_users: int, device) -> Tensor:
         bad = lo if lo < -1 else hi
         raise ValueError(f"proper.users: argument 'user_ids' must be in [-1, {num_users}) (num_users = {num_users}; "
                          f"-1 = no user), got {bad}")
-    return t
+    return t, lo, hi
+
+
+def make_batch(state, user_ids) -> UserBatch:
+    """A validated UserBatch of ``user_ids`` for the model whose ProperState is ``state``."""
+    device = next(iter(state.layers.values())).user_a.device
+    return UserBatch(*_as_ids(user_ids, state.cfg.num_users, device))
 
 
 @contextlib.contextmanager
@@ -102,8 +108,7 @@ def users(model, user_ids: Union[Tensor, Sequence[int]]) -> Iterator[UserBatch]:
     from .patch import get_state   # here, not at import: patch imports layer imports this module
 
     state = get_state(model)
-    device = next(iter(state.layers.values())).user_a.device
-    batch = UserBatch(_as_ids(user_ids, state.cfg.num_users, device))
+    batch = make_batch(state, user_ids)
     active = dict(_ACTIVE.get() or {})
     active[id(state)] = batch
     token = _ACTIVE.set(active)

@@ -12,7 +12,7 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"          # nothing may come from a hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-LLAMA7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from proper import LLAMA_ALL_TARGETS as LLAMA7  # noqa: E402
 
 
 @functools.lru_cache(maxsize=1)
@@ -81,3 +81,24 @@ def peft_lora_state(base_model, r, alpha, targets, seed, std=0.05):
             if "lora_" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * (std if "lora_B" in n else 1 / p.shape[-1] ** 0.5))
     return get_peft_model_state_dict(pm), cfg.to_dict()
+
+
+def patched_llama(stage="user", *, router_head: bool = False, **kw):
+    """A tiny Llama patched on all seven projections (6 users, K = 3 top-2, user rank 4 unless ``kw`` says
+    otherwise) with random B everywhere; ``router_head``: a random LoRA-aware router head too (it starts at
+    zero: w = 1, no gate correction)."""
+    import proper
+
+    cfg = dict(num_users=6, num_experts=3, top_k=2, user_rank=4, target_modules=LLAMA7)
+    cfg.update(kw)
+    m = proper.apply_proper(tiny_llama(), proper.ProperConfig(**cfg))
+    randomize_b(m, std=0.2)
+    if router_head:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for layer in proper.proper_layers(m).values():
+                if hasattr(layer, "lora_router"):
+                    w = layer.lora_router.head.weight
+                    w.copy_(torch.randn(w.shape, generator=g))
+    proper.set_stage(m, stage, init_experts=False)
+    return m

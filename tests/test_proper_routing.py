@@ -5,23 +5,11 @@ import pytest
 import torch
 
 import proper
-from proper_fixtures import randomize_b, tiny_llama
-
-LLAMA7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from proper_fixtures import patched_llama
 
 
 def _patched(stage="user", **kw):
-    cfg = dict(num_users=5, num_experts=3, top_k=2, user_rank=4, target_modules=LLAMA7)
-    cfg.update(kw)
-    m = proper.apply_proper(tiny_llama(), proper.ProperConfig(**cfg))
-    randomize_b(m, std=0.2)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():   # a trained-looking LoRA-aware router (its head starts at zero: w = 1, no correction)
-        for layer in proper.proper_layers(m).values():
-            if hasattr(layer, "lora_router"):
-                layer.lora_router.head.weight.copy_(torch.randn(layer.lora_router.head.weight.shape, generator=g))
-    proper.set_stage(m, stage, init_experts=False)
-    return m
+    return patched_llama(stage, router_head=True, **{"num_users": 5, **kw})
 
 
 def test_user_gates_and_router_switch():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import proper
-from proper_fixtures import LLAMA7, randomize_b, smollm2, tiny_llama
+from proper_fixtures import patched_llama, randomize_b, smollm2, tiny_llama
 
 
 def _until_eos(tokens, eos):
@@ -42,13 +42,7 @@ def test_generate_left_padding_kv_cache_matches_each_user_alone():
     assert (logits[0] - logits[1]).abs().max() > 1e-2
 
 
-def _patched(stage="user", **kw):
-    cfg = dict(num_users=6, num_experts=3, top_k=2, user_rank=4, target_modules=LLAMA7)
-    cfg.update(kw)
-    m = proper.apply_proper(tiny_llama(), proper.ProperConfig(**cfg))
-    randomize_b(m, std=0.2)
-    proper.set_stage(m, stage, init_experts=False)
-    return m
+_patched = patched_llama
 
 
 def test_training_step_mixed_users_touches_only_their_adapters():
