@@ -37,18 +37,6 @@ from proper.timing import interleaved_times  # noqa: E402
 
 GOAL_VS_BASE = 1.35
 GOAL_VS_PEFT = 2.7
-# The serving set-ups are shared with `proper demo` (proper/speed.py).
-prompts = demo_prompts
-
-
-def build_proper(base, users: int, backend: str):
-    return build_proper_serving(base, users, backend, copy_base=True)
-
-
-def build_peft(base, users: int):
-    return build_peft_mixed(base, users, copy_base=True)
-
-
 def profile_one(fn: Callable[[], object], path: Path, rows: int = 25) -> Dict[str, float]:
     """torch.profiler over one call: the op table to `path`, and the share spent inside routed_lora."""
     from torch.profiler import ProfilerActivity, profile
@@ -91,7 +79,7 @@ def main(argv=None) -> int:
     backends = args.backends or [b for b in pk.available_backends("cpu") if b in ("cpu", "torch")]
 
     base, tok = proper.load_smollm2()
-    enc = tok(prompts(args.prompts), return_tensors="pt", padding=True)
+    enc = tok(demo_prompts(args.prompts), return_tensors="pt", padding=True)
     user_ids = torch.arange(args.prompts)
     gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                   pad_token_id=tok.pad_token_id)
@@ -99,7 +87,7 @@ def main(argv=None) -> int:
     runs: Dict[str, Callable[[], torch.Tensor]] = {"base": lambda: base.generate(**enc, **gen_kw)}
     models = {}
     for b in backends:
-        models[b] = build_proper(base, args.prompts, b)
+        models[b] = build_proper_serving(base, args.prompts, b, copy_base=True)
 
         def run_proper(m=models[b]):
             with proper.users(m, user_ids):
@@ -107,7 +95,7 @@ def main(argv=None) -> int:
 
         runs[f"proper[{b}]"] = run_proper
     if not args.no_peft:
-        pm = build_peft(base, args.prompts)
+        pm = build_peft_mixed(base, args.prompts, copy_base=True)
         names = [f"u{u}" for u in range(args.prompts)]
         runs["peft"] = lambda: pm.generate(**enc, **gen_kw, adapter_names=names)
 

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import proper_kernels as pk  # noqa: E402
+from proper_kernels.baselines import naive_loop  # noqa: E402
 
 D_IN = D_OUT = 2048
 K, R_E, R_U, TOP_K = 8, 16, 16, 2
@@ -97,27 +98,6 @@ def needed_flops(p) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ providers
-def naive_loop(x, expert_a, expert_b, gates, user_a, user_b, user_ids, *, expert_scale=1.0, user_scale=1.0,
-               user_weight=None, user_ranks=None):
-    """A Python loop over the experts and the distinct users: torch matmuls on the tokens that use each."""
-    y = torch.zeros(x.shape[0], expert_b.shape[1], dtype=torch.float32)
-    xf = x.float()
-    for k in range(expert_a.shape[0]):
-        idx = torch.nonzero(gates[:, k] != 0).squeeze(1)
-        if idx.numel():
-            h = xf[idx] @ expert_a[k].float().t()
-            y = y.index_add(0, idx, (h * (expert_scale * gates[idx, k].float())[:, None]) @ expert_b[k].float().t())
-    for u in torch.unique(user_ids).tolist():
-        if u < 0:
-            continue
-        r = user_a.shape[1] if user_ranks is None else int(user_ranks[u])
-        idx = torch.nonzero(user_ids == u).squeeze(1)
-        c = torch.full((idx.numel(),), float(user_scale)) if user_weight is None else user_scale * user_weight[idx].float()
-        h = xf[idx] @ user_a[u, :r].float().t()
-        y = y.index_add(0, idx, (h * c[:, None]) @ user_b[u, :, :r].float().t())
-    return y.to(x.dtype)
-
-
 def routed(backend):
     # check_values=False as the model layer calls it (ids are validated once per batch, not once per layer)
     def fn(x, expert_a, expert_b, gates, user_a, user_b, user_ids, **kw):
@@ -198,12 +178,11 @@ def run(args):
         "gc_freeze": args.gc_freeze,
         "machine": platform.processor() or platform.machine(), "loadavg_start": os.getloadavg(),
     }
+    from proper_kernels import cpu as cpu_backend
     try:
-        from proper_kernels import cpu as cpu_backend
         env["cpu_isa"] = cpu_backend.isa()
     except Exception as e:  # noqa: BLE001
         env["cpu_isa"] = f"unavailable: {e}"
-    from proper_kernels import cpu as cpu_backend
     has_cpu = cpu_backend.unavailable_reason(torch.device("cpu")) is None  # (without importing other backends)
     providers = [n for n in args.providers.split(",") if n != "cpu" or has_cpu]
     if "naive" not in providers:

@@ -63,31 +63,18 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import json
-    from pathlib import Path
-
+    from .report import load_metrics, write_report
     from .train import summary_table
 
-    path = Path(args.run_dir) / "metrics.json"
-    if not path.is_file():
-        print(f"proper eval: {path} does not exist (run `proper train --out {args.run_dir}` first)", file=sys.stderr)
+    try:
+        metrics = load_metrics(args.run_dir)
+    except FileNotFoundError as e:
+        print(f"proper eval: {e}", file=sys.stderr)
         return 2
-    print(summary_table(json.loads(path.read_text())))
+    print(summary_table(metrics))
     if args.report:
-        from .report import write_report
-
-        print(f"report: {write_report(args.run_dir, args.report)}")
+        print(f"report: {write_report(args.run_dir, args.report, metrics=metrics)}")
     return 0
-
-
-def _delegate(module: str, func: str):
-    """Subcommands implemented elsewhere in the package, imported only when used."""
-
-    def run(args) -> int:
-        mod = importlib.import_module(module)
-        return getattr(mod, func)(args)
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     g.set_defaults(func=_cmd_generate)
 
-    from .train import add_train_arguments
+    from .train import add_train_arguments, run_train_args
 
     t = add_train_arguments(sub.add_parser("train", help="three-stage PROPER training on per-user data"))
-    t.set_defaults(func=_delegate("proper.train", "run_train_args"))
+    t.set_defaults(func=run_train_args)
     e = sub.add_parser("eval", help="print the systems table of a trained run directory")
     e.add_argument("run_dir")
     e.add_argument("--report", metavar="FILE.md", help="also write markdown tables and a PNG of error by profile size")

@@ -691,6 +691,10 @@ def profile_bucket(n: int, edges: Sequence[int] = PROFILE_BUCKETS) -> str:
     return f">{edges[-1]}"
 
 
+#: Every bucket label in increasing profile size (tables and plots list them in this order).
+BUCKET_ORDER = tuple(profile_bucket(e) for e in PROFILE_BUCKETS) + (profile_bucket(10 ** 9),)
+
+
 # ------------------------------------------------------------------------------------------ tokens
 def rating_token_ids(tokenizer, ratings: Sequence[str] = RATINGS, prompt: str = "score: ") -> List[int]:
     """Token ids of the rating targets ``"1"`` .. ``"5"`` as they follow a prompt, in ``tokenizer``'s vocabulary.
@@ -720,5 +724,5 @@ __all__ = [
     "DataError", "MissingDataError", "Example", "UserSplit", "Dataset", "split_by_time", "read_jsonl",
     "write_jsonl", "read_lamp", "write_lamp", "write_lamp_outputs", "find_lamp_outputs", "LAMP_PROFILE_PROMPTS",
     "movielens_100k_dir", "movie_title", "movielens_prompt", "load_movielens_100k", "load_dataset",
-    "select_users", "profile_bucket", "PROFILE_BUCKETS", "rating_token_ids", "RATINGS", "RECBOLE_PIP",
+    "select_users", "profile_bucket", "PROFILE_BUCKETS", "BUCKET_ORDER", "rating_token_ids", "RATINGS", "RECBOLE_PIP",
 ]

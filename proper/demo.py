@@ -41,12 +41,10 @@ def personalise(users: int, out: Path, quick: bool) -> Dict[str, object]:
 
 def _load(run: Optional[Path], quick: bool):
     """SmolLM2 (first 4 layers when quick), personalised from `run` when given."""
-    from . import from_pretrained, load_smollm2
-    from .train import truncate_layers
+    from . import from_pretrained
+    from .train import load_model
 
-    model, tok = load_smollm2()
-    if quick:
-        truncate_layers(model, 4)
+    model, tok = load_model(4 if quick else None)
     if run is not None:
         model = from_pretrained(model, run / "stages" / "user")
     return model.eval(), tok
@@ -79,8 +77,8 @@ def generation_speed(n_users: int, new_tokens: int, quick: bool, reps: int) -> D
     from .speed import build_peft_mixed, build_proper_serving, demo_prompts, time_generate_interleaved
 
     base, tok = _load(None, quick)
-    ours = build_proper_serving(_load(None, quick)[0], n_users)
-    peft = build_peft_mixed(_load(None, quick)[0], n_users)
+    ours = build_proper_serving(base, n_users, copy_base=True)
+    peft = build_peft_mixed(base, n_users, copy_base=True)
     setups = {"base": (base, tok, None), "proper": (ours, tok, list(range(n_users))),
               "peft mixed batch": (peft, tok, [f"u{i}" for i in range(n_users)])}
     return time_generate_interleaved(setups, demo_prompts(n_users), new_tokens, reps)

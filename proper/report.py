@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .data import PROFILE_BUCKETS, profile_bucket
+from .data import BUCKET_ORDER
 
 #: What each system is, in one line (rows of the results table, in this order; unknown names follow).
 SYSTEMS = {
@@ -25,8 +25,6 @@ SYSTEMS = {
     "proper_router_off_at_inference": "PROPER with its LoRA-aware router switched off at inference",
     "proper_cold_start": "PROPER, every test user treated as unknown (no user LoRA, average gates)",
 }
-
-BUCKET_ORDER = [profile_bucket(e) for e in PROFILE_BUCKETS] + [profile_bucket(10 ** 9)]
 
 
 def load_metrics(run_dir) -> Dict[str, Any]:
@@ -164,9 +162,10 @@ def comparison_table(run_dir, against: str = "user_mean") -> Optional[str]:
     return "\n".join(lines)
 
 
-def write_report(run_dir, out_md, png: Optional[str] = None) -> Path:
-    """results markdown (run facts, systems table, bucket table, plot link) for the run in ``run_dir``."""
-    m = load_metrics(run_dir)
+def write_report(run_dir, out_md, png: Optional[str] = None, metrics: Optional[Dict[str, Any]] = None) -> Path:
+    """results markdown (run facts, systems table, bucket table, plot link) for the run in ``run_dir``
+    (``metrics``: its metrics.json, when the caller has read it already)."""
+    m = metrics if metrics is not None else load_metrics(run_dir)
     out_md = Path(out_md)
     png = Path(png) if png else out_md.with_name(out_md.stem + "_by_profile.png")
     plot_by_profile(m, png)

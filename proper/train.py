@@ -432,8 +432,7 @@ def rating_metrics(y_true: Sequence[float], y_pred: Sequence[float], sizes: Sequ
     buckets: Dict[str, List[int]] = {}
     for i, s in enumerate(sizes):
         buckets.setdefault(D.profile_bucket(s), []).append(i)
-    order = [D.profile_bucket(e) for e in D.PROFILE_BUCKETS] + [D.profile_bucket(10 ** 9)]
-    out["buckets"] = {b: block(np.asarray(buckets[b])) for b in order if b in buckets}
+    out["buckets"] = {b: block(np.asarray(buckets[b])) for b in D.BUCKET_ORDER if b in buckets}
     return out
 
 
@@ -533,8 +532,7 @@ class Trainer:
         for h in hist:
             self.by_user.append(list(range(pos, pos + len(h))))
             pos += len(h)
-        dev = [ex for s in dataset.users.values() for ex in s.dev]
-        dev = _spread(dev, cfg.dev_max)
+        dev = _spread(dataset.examples("dev"), cfg.dev_max)
         self.dev_items = enc(dev)
         self.test_examples = _spread(dataset.examples("test"), cfg.test_max)
         self.test_items = enc(self.test_examples)
