@@ -6,8 +6,8 @@ One group per layer case; compare the providers' rows within a group (same run, 
 """
 import pytest
 
-from benchmarks.layer_cases import LayerCase, make_inputs
-from benchmarks.providers import providers
+from proper.bench.layer_cases import LayerCase, make_inputs
+from proper.bench.providers import providers
 
 CASES = {
     "decode64": LayerCase("decode", 64, "distinct", 16, False, 8, 2),

@@ -5,24 +5,30 @@
     proper.set_stage(model, "population" | "group" | "user")
     with proper.users(model, user_ids):                 # [B] ids, -1 = no user
         logits = model(input_ids).logits                # also generate() and training steps
+
+Layers (imports go one way): proper_kernels -> this package's model layer (config, state, context, modules,
+patch, routing, generation, io, models) -> training/ and data/ -> cli/ and bench/. Importing ``proper`` imports
+neither the trainer, the CLI nor the benchmarks.
 """
 from .config import FFN_TARGETS, LLAMA_ALL_TARGETS, ProperConfig
-from .generate import generate_for_users
+from .context import MissingUsersError, gradient_checkpointing_kwargs, users
+from .generation import generate_for_users
+from .hf_users import UserIdCollator, install_user_ids_keyword
 from .io import from_pretrained, import_peft_adapter, load_proper_weights, proper_state_dict, save_pretrained
-from .layer import STAGES, ProperLinear
+from .io.export import export_peft_adapter, export_users
 from .models import load_smollm2, load_smollm2_tokenizer
-from .patch import (apply_proper, get_stage, init_experts_from_population, linear_modules, proper_layers, set_stage,
-                    trainable_parameters)
-from .routers import LoRAAwareRouter, UserAwareRouter, top_k_gates
+from .modules import LoRAAwareRouter, ProperLinear, UserAwareRouter, top_k_gates
+from .patch import apply_proper, init_experts_from_population, linear_modules, set_stage, trainable_parameters
 from .routing import lora_router_disabled, user_gates, user_routing
-from .users import MissingUsersError, gradient_checkpointing_kwargs, users
+from .state import STAGES, get_stage, get_state, proper_layers
 
 __all__ = [
     "ProperConfig", "FFN_TARGETS", "LLAMA_ALL_TARGETS", "STAGES",
-    "apply_proper", "set_stage", "get_stage", "users", "MissingUsersError", "gradient_checkpointing_kwargs",
+    "apply_proper", "set_stage", "get_stage", "get_state", "users", "MissingUsersError",
+    "gradient_checkpointing_kwargs", "install_user_ids_keyword", "UserIdCollator",
     "lora_router_disabled", "user_routing", "user_gates",
     "import_peft_adapter", "save_pretrained", "from_pretrained", "load_proper_weights", "proper_state_dict",
-    "generate_for_users", "load_smollm2", "load_smollm2_tokenizer",
+    "generate_for_users", "load_smollm2", "load_smollm2_tokenizer", "export_peft_adapter", "export_users",
     "ProperLinear", "UserAwareRouter", "LoRAAwareRouter", "top_k_gates",
     "proper_layers", "linear_modules", "trainable_parameters", "init_experts_from_population",
 ]

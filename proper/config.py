@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -29,7 +30,8 @@ class ProperConfig:
     lora_router      True: the LoRA-aware router gives each user its group gates and weight w in the user
                      stage; False: w = 1 and the user-aware router's gates (user and group outputs just add).
     dropout          LoRA dropout on the adapter input, training only.
-    backend          routed_lora backend: "auto" | "torch" | "cpu" | "triton" | "cuda".
+    backend          routed_lora backend: "auto" | "torch" | "cpu" | "triton" | "cuda". A runtime switch: never
+                     saved (a checkpoint loads with "auto").
     router_dim       size of the user-aware router's per-user embedding.
     lora_router_probes  learned probe directions of the LoRA-aware router (see routers.LoRAAwareRouter).
     population_rank  rank of the population LoRA; None = expert_rank if num_experts > 0 else 0 (no population
@@ -76,8 +78,16 @@ class ProperConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                                   or v <= 0):
                 raise ValueError(f"ProperConfig: '{name}' must be a finite float > 0, got {v!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"ProperConfig: 'dropout' must be in [0, 1), got {self.dropout!r}")
+        for name in ("lora_router", "use_rslora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ProperConfig: '{name}' must be True or False, got {getattr(self, name)!r}")
+        for name, ok, what in (("dropout", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)"),
+                               ("router_init_std", lambda v: v >= 0.0, "a finite float >= 0")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise ValueError(f"ProperConfig: '{name}' must be {what}, got {v!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"ProperConfig: 'extra' must be a dict, got {type(self.extra).__name__}")
         if self.backend not in BACKENDS:
             raise ValueError(f"ProperConfig: 'backend' must be one of {BACKENDS}, got {self.backend!r}")
         if self.init_a not in ("kaiming", "gaussian"):
@@ -87,6 +97,11 @@ class ProperConfig:
                                                                                     for s in t)):
             raise ValueError(f"ProperConfig: 'target_modules' must be a non-empty tuple of module names or a "
                              f"regex string, got {t!r}")
+        if isinstance(t, str):
+            try:
+                re.compile(t)
+            except re.error as e:
+                raise ValueError(f"ProperConfig: 'target_modules' is not a valid regex ({e}): {t!r}") from None
 
     # ---- derived values
     @property
@@ -122,6 +137,20 @@ class ProperConfig:
         if isinstance(d["target_modules"], tuple):
             d["target_modules"] = list(d["target_modules"])
         return d
+
+    #: Fields that steer how the model runs, not what it is: never saved, ignored when comparing models.
+    RUNTIME_FIELDS = ("backend",)
+
+    def saved_dict(self) -> Dict[str, Any]:
+        """to_dict() without the runtime switches (what a checkpoint stores)."""
+        d = self.to_dict()
+        for name in self.RUNTIME_FIELDS:
+            d.pop(name)
+        return d
+
+    def same_model(self, other: "ProperConfig") -> bool:
+        """Equal but for the runtime switches: both describe the same adapters and routers."""
+        return self.saved_dict() == other.saved_dict()
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ProperConfig":

@@ -1,9 +1,9 @@
 """Loaders for the small models shipped inside pip packages (no hub downloads): SmolLM2-135M first."""
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
-import os
 from pathlib import Path
 from typing import Tuple
 
@@ -26,17 +26,17 @@ def smollm2_gguf() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer(path: str):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers is the "hf" extra: imported only when a model loads
 
     p = Path(path)
-    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
 
 
 def load_smollm2_tokenizer():
-    """SmolLM2's tokenizer from the shipped GGUF (cached), set up for batched generation: left padding."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tok = _tokenizer(str(smollm2_gguf()))
-    tok.padding_side = "left"   # batched generation needs the prompt ends aligned
+    """SmolLM2's tokenizer from the shipped GGUF, with a pad token (its EOS). A fresh copy every call: callers
+    may set padding_side and the like without reaching anyone else's tokenizer (generate_for_users pads left
+    by itself and restores the setting)."""
+    tok = copy.deepcopy(_tokenizer(str(smollm2_gguf())))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -50,9 +50,13 @@ def load_smollm2(dtype=None, tokenizer: bool = True) -> Tuple[object, object]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True,
                                                  dtype=dtype or torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:
+        # The GGUF loader leaves the model marked quantized although its weights are dequantised to plain fp32
+        # nn.Linear; transformers.Trainer refuses to fine-tune a "quantized" model, so drop the marking the way
+        # transformers itself does for a dequantised load.
+        model.hf_quantizer.remove_quantization_config(model)
     model.eval()
     return model, (load_smollm2_tokenizer() if tokenizer else None)

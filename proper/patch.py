@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from .config import ProperConfig
-from .layer import STAGES, ProperLinear, ProperState, is_conv1d
-
-_STATE_ATTR = "_proper_state"
+from .hf_users import install_user_ids_keyword
+from .modules.linear import ProperLinear, is_conv1d
+from .state import STAGE_TRAINS, STAGES, ProperState, attach_state, find_state, get_state
 
 
 def linear_modules(model: nn.Module) -> Dict[str, nn.Module]:
@@ -43,7 +43,7 @@ def apply_proper(model: nn.Module, cfg: ProperConfig) -> nn.Module:
     """
     if not isinstance(cfg, ProperConfig):
         raise TypeError(f"apply_proper: argument 'cfg' must be a ProperConfig, got {type(cfg).__name__}")
-    if getattr(model, _STATE_ATTR, None) is not None:
+    if find_state(model) is not None:
         raise ValueError("apply_proper: this model already has PROPER layers (apply_proper was called on it before)")
     linears = linear_modules(model)
     targets = cfg.target_modules
@@ -66,40 +66,19 @@ def apply_proper(model: nn.Module, cfg: ProperConfig) -> nn.Module:
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = ProperLinear(linears[name], cfg, state, name)
+        base = linears[name]
+        layer = ProperLinear(base, cfg, state, name).train(base.training)   # keeps the model's train/eval mode
         setattr(parent, child, layer)    # instance-level swap: no class is patched
         state.layers[name] = layer
-    object.__setattr__(model, _STATE_ATTR, state)  # a plain attribute, not a submodule
+    attach_state(model, state)
     set_stage(model, "user")
+    install_user_ids_keyword(model)   # model(..., user_ids=) and generate(..., user_ids=)
     return model
 
 
-def get_state(model: nn.Module) -> ProperState:
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        raise ValueError(f"proper: this {type(model).__name__} has no PROPER layers; call "
-                         f"proper.apply_proper(model, cfg) first")
-    return state
-
-
-def proper_layers(model: nn.Module) -> Dict[str, ProperLinear]:
-    """The ProperLinear layers of a patched model, by module name."""
-    return dict(get_state(model).layers)
-
-
-def get_stage(model: nn.Module) -> str:
-    return get_state(model).stage
-
-
 def _trainable(layer: ProperLinear, stage: str) -> List[nn.Parameter]:
-    if stage == "population":
-        return [layer.population_a, layer.population_b] if layer.pop_rank else []
-    if stage == "group":
-        return [layer.expert_a, layer.expert_b, *layer.router.parameters()]
-    ps = [layer.user_a, layer.user_b]
-    if layer.cfg.lora_router:
-        ps += list(layer.lora_router.parameters())
-    return ps
+    """The parameters ``stage`` trains in this layer (STAGE_TRAINS, by part)."""
+    return [p for part in STAGE_TRAINS[stage] for p in layer.part_parameters(part)]
 
 
 @torch.no_grad()
@@ -111,9 +90,9 @@ def init_experts_from_population(model: nn.Module) -> None:
         raise ValueError(f"init_experts_from_population: needs num_experts > 0 and population_rank == expert_rank, "
                          f"got num_experts={cfg.num_experts}, population_rank={cfg.pop_rank}, "
                          f"expert_rank={cfg.expert_rank}")
-    for layer in state.layers.values():
-        layer.expert_a.copy_(layer.population_a.expand_as(layer.expert_a))
-        layer.expert_b.copy_(layer.population_b.expand_as(layer.expert_b))
+    for layer in state.layers.values():   # population_a/_b -> expert_a/_b, pairing the two parts' tensors
+        for src, dst in zip(layer.part_tensors("population").values(), layer.part_tensors("experts").values()):
+            dst.copy_(src.expand_as(dst))
     state.experts_initialized = True
 
 

@@ -13,21 +13,18 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .patch import get_state, proper_layers
-from .users import make_batch
+from .context import lora_router_off, make_batch
+from .state import get_state, proper_layers
 
 
 @contextlib.contextmanager
 def lora_router_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the block with the LoRA-aware router switched off (w = 1, gates from the user-aware router only);
-    restored on exit, also after an exception. Training is unaffected outside the block."""
-    cfg = get_state(model).cfg
-    old = cfg.lora_router
-    cfg.lora_router = False
-    try:
+    restored on exit, also after an exception. The switch is per thread/task (a context variable) and never
+    touches the config: other threads keep their router, and a save inside the block saves the model as it is
+    outside it."""
+    with lora_router_off(get_state(model)):
         yield model
-    finally:
-        cfg.lora_router = old
 
 
 @torch.no_grad()

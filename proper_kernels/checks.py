@@ -11,6 +11,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .layout import TokenLayout, token_layout
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -38,6 +40,11 @@ class Problem(NamedTuple):
     user_scale: Optional[Tensor]   # [U] fp32
     user_weight: Optional[Tensor]  # [T]
     d_out: int
+    layout: Optional[TokenLayout] = None   # tokens grouped by user, built once per batch by the caller
+
+    def token_layout(self) -> TokenLayout:
+        """The caller's layout, or one built now from user_ids (segment kernels need it)."""
+        return self.layout if self.layout is not None else token_layout(self.user_ids, self.num_users)
 
     @property
     def has_experts(self) -> bool:
@@ -83,17 +90,22 @@ def _check_dim(name, t, axis, size, what):
 def _check_finite_scale(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(name, "a float", type(value).__name__, TypeError)
-    if not math.isfinite(float(value)):
+    # Skipped while torch.compile traces: there a scale may be a symbolic float with no value to test
+    # (math.isfinite on it breaks a fullgraph trace). Eager calls always check it.
+    if not torch.compiler.is_compiling() and not math.isfinite(float(value)):
         _fail(name, "finite", repr(value))
 
 
 def validate(x, expert_a, expert_b, gates, user_a, user_b, user_ids, *, user_ranks=None, expert_scale=1.0,
-             user_scale=None, user_weight=None, out=None, check_values=True) -> Problem:
+             user_scale=None, user_weight=None, out=None, check_values=True, layout=None) -> Problem:
     """Check every argument and return the normalised :class:`Problem`.
 
     Shape, dtype and device checks cost nothing and always run. ``check_values`` also checks tensor *values*
     (user ids in [-1, U), ranks in [0, r_max], finite per-user scales); that needs one host sync, so callers that
-    validate ids once per batch (the model layer) or run under torch.compile / CUDA graphs turn it off.
+    validate ids once per batch (the model layer) or run under torch.compile / CUDA graphs turn it off. Meta
+    tensors have no values: their value checks are skipped.
+    ``layout``: a :class:`TokenLayout` of ``user_ids`` over the U users (``token_layout(user_ids, U)``), built once
+    per batch and shared by every layer; its shapes are checked here, its values are the caller's promise.
     """
     _check_tensor("x", x, 2, FLOAT_DTYPES, x.device if isinstance(x, Tensor) else None, "[T, d_in]")
     T, d_in = x.shape
@@ -152,10 +164,12 @@ def validate(x, expert_a, expert_b, gates, user_a, user_b, user_ids, *, user_ran
         if user_weight is not None:
             _check_tensor("user_weight", user_weight, 1, FLOAT_DTYPES, dev, "[T]")
             _check_dim("user_weight", user_weight, 0, T, "T of x")
-        if check_values:
+        if check_values and dev.type != "meta":  # meta tensors have shapes but no values to check
             _check_values(user_ids, U, user_ranks, r_max, user_scale)
+        if layout is not None:
+            _check_layout(layout, T, U, dev)
     else:
-        for name, v in (("user_ranks", user_ranks), ("user_weight", user_weight)):
+        for name, v in (("user_ranks", user_ranks), ("user_weight", user_weight), ("layout", layout)):
             if v is not None:
                 raise ValueError(f"routed_lora: argument '{name}' was given without user adapters")
         user_scale = None
@@ -166,7 +180,19 @@ def validate(x, expert_a, expert_b, gates, user_a, user_b, user_ids, *, user_ran
             _fail("out", f"of shape {(T, d_out)}", _describe(out))
 
     return Problem(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, float(expert_scale),
-                   user_scale, user_weight, d_out)
+                   user_scale, user_weight, d_out, layout)
+
+
+def _check_layout(layout, T: int, U: int, device) -> None:
+    if not isinstance(layout, TokenLayout):
+        _fail("layout", "a proper_kernels.TokenLayout (from token_layout(user_ids, U))", type(layout).__name__,
+              TypeError)
+    for name, t, n in (("order", layout.order, T), ("seg_start", layout.seg_start, U + 1),
+                       ("seg_len", layout.seg_len, U + 1)):
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != n or t.device != device \
+                or t.dtype != torch.int64:
+            got = _describe(t) if isinstance(t, Tensor) else type(t).__name__
+            _fail(f"layout.{name}", f"an int64 [{n}] tensor on {device} (T = {T}, U = {U})", got)
 
 
 def _check_values(user_ids: Tensor, U: int, user_ranks, r_max: int, user_scale) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from .layout import TokenLayout, block_table, token_layout
+from .layout import TokenLayout, block_table
 
 # Token blocks of the segment tables (the binding exports the values the kernels were tuned for).
 _BLOCK_TOKENS = 16
@@ -80,7 +80,7 @@ def _args(p, lib, reduce_table: bool):
             weight = p.user_weight.to(torch.float32).contiguous()
         U = p.num_users
         block, red_block = _block_sizes(lib)
-        layout = token_layout(p.user_ids, U)
+        layout = p.token_layout()   # the batch's, when the caller built it once
         order = layout.order.int().contiguous()
         fine = _tables(layout, U, block)
         if reduce_table:

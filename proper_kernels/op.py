@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .checks import GRAD_NAMES, Problem, validate
+from .layout import TokenLayout
 
 BACKENDS = {
     "torch": "proper_kernels.reference",
@@ -89,19 +90,21 @@ def resolve_backend(backend: str, device: str, dtype: torch.dtype) -> str:
 
 # ----------------------------------------------------------------------------------------------- custom op
 def _problem(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale, user_scale,
-             user_weight) -> Problem:
+             user_weight, order=None, seg_start=None, seg_len=None) -> Problem:
     d_out = expert_b.shape[1] if expert_b is not None else user_b.shape[1]
+    lay = TokenLayout(order, seg_start, seg_len) if order is not None else None
     return Problem(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale,
-                   user_scale, user_weight, d_out)
+                   user_scale, user_weight, d_out, lay)
 
 
 @torch.library.custom_op("proper::routed_lora", mutates_args=())
 def _routed_lora_op(x: Tensor, expert_a: Optional[Tensor], expert_b: Optional[Tensor], gates: Optional[Tensor],
                     user_a: Optional[Tensor], user_b: Optional[Tensor], user_ids: Optional[Tensor],
                     user_ranks: Optional[Tensor], expert_scale: float, user_scale: Optional[Tensor],
-                    user_weight: Optional[Tensor], backend: str) -> Tensor:
+                    user_weight: Optional[Tensor], backend: str, order: Optional[Tensor] = None,
+                    seg_start: Optional[Tensor] = None, seg_len: Optional[Tensor] = None) -> Tensor:
     p = _problem(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale, user_scale,
-                 user_weight)
+                 user_weight, order, seg_start, seg_len)
     if x.shape[0] == 0:
         return x.new_zeros((0, p.d_out))
     return _backend_module(backend).forward(p).contiguous()
@@ -109,7 +112,7 @@ def _routed_lora_op(x: Tensor, expert_a: Optional[Tensor], expert_b: Optional[Te
 
 @_routed_lora_op.register_fake
 def _(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale, user_scale, user_weight,
-      backend):
+      backend, order=None, seg_start=None, seg_len=None):
     d_out = expert_b.shape[1] if expert_b is not None else user_b.shape[1]
     return x.new_empty((x.shape[0], d_out))
 
@@ -119,9 +122,10 @@ def _routed_lora_backward_op(grad_out: Tensor, x: Tensor, expert_a: Optional[Ten
                              gates: Optional[Tensor], user_a: Optional[Tensor], user_b: Optional[Tensor],
                              user_ids: Optional[Tensor], user_ranks: Optional[Tensor], expert_scale: float,
                              user_scale: Optional[Tensor], user_weight: Optional[Tensor], backend: str,
-                             needs: List[bool]) -> List[Tensor]:
+                             needs: List[bool], order: Optional[Tensor] = None, seg_start: Optional[Tensor] = None,
+                             seg_len: Optional[Tensor] = None) -> List[Tensor]:
     p = _problem(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale, user_scale,
-                 user_weight)
+                 user_weight, order, seg_start, seg_len)
     inputs = p.differentiable()
     needs = [bool(n) and t is not None for n, t in zip(needs, inputs)]
     if x.shape[0] == 0 or not any(needs):
@@ -134,24 +138,25 @@ def _routed_lora_backward_op(grad_out: Tensor, x: Tensor, expert_a: Optional[Ten
 
 @_routed_lora_backward_op.register_fake
 def _(grad_out, x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale, user_scale,
-      user_weight, backend, needs):
+      user_weight, backend, needs, order=None, seg_start=None, seg_len=None):
     inputs = (x, expert_a, expert_b, gates, user_a, user_b, user_weight)
     return [t.new_empty(t.shape) if (n and t is not None) else x.new_empty(0) for t, n in zip(inputs, needs)]
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs[:8]], inputs[9], inputs[10])
+    # the layout (inputs 12-14) is saved too: the backward reuses the forward's, never rebuilds it
+    ctx.save_for_backward(*inputs[:8], inputs[9], inputs[10], *inputs[12:15])
     ctx.expert_scale = inputs[8]
     ctx.backend = inputs[11]
 
 
 def _backward(ctx, grad_out):
-    (x, ea, eb, g, ua, ub, ids, ranks, us, uw) = ctx.saved_tensors
+    (x, ea, eb, g, ua, ub, ids, ranks, us, uw, order, seg_start, seg_len) = ctx.saved_tensors
     needs = [bool(n) for n in (ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 5, 10))]
     grads = torch.ops.proper.routed_lora_backward(grad_out, x, ea, eb, g, ua, ub, ids, ranks, ctx.expert_scale,
-                                                  us, uw, ctx.backend, needs)
+                                                  us, uw, ctx.backend, needs, order, seg_start, seg_len)
     gx, gea, geb, gg, gua, gub, guw = [gr if n else None for gr, n in zip(grads, needs)]
-    return gx, gea, geb, gg, gua, gub, None, None, None, None, guw, None
+    return gx, gea, geb, gg, gua, gub, None, None, None, None, guw, None, None, None, None
 
 
 _routed_lora_op.register_autograd(_backward, setup_context=_setup_context)
@@ -162,7 +167,7 @@ def routed_lora(x: Tensor, expert_a: Optional[Tensor], expert_b: Optional[Tensor
                 user_a: Optional[Tensor], user_b: Optional[Tensor], user_ids: Optional[Tensor], *,
                 user_ranks: Optional[Tensor] = None, expert_scale: float = 1.0, user_scale=None,
                 user_weight: Optional[Tensor] = None, out: Optional[Tensor] = None, backend: str = "auto",
-                check_values: bool = True) -> Tensor:
+                check_values: bool = True, layout: Optional[TokenLayout] = None) -> Tensor:
     """Routed multi-LoRA delta for a batch of tokens from many users.
 
     Semantics, for every token t with u = user_ids[t]:
@@ -173,18 +178,25 @@ def routed_lora(x: Tensor, expert_a: Optional[Tensor], expert_b: Optional[Tensor
     Shapes: x [T, d_in]; expert_a [K, r_e, d_in]; expert_b [K, d_out, r_e]; gates [T, K]; user_a
     [U, r_max, d_in]; user_b [U, d_out, r_max]; user_ids [T] (-1 = no user); user_ranks [U]; user_scale float or
     [U]; user_weight [T]. Either part may be None. Zero gates are structural (no term, no gradient); padded rank
-    rows are never read. Accumulates in fp32; returns x's dtype. With ``out`` the delta is added into it in
-    place and ``out`` is returned. ``backend``: "auto" | "torch" | "cpu" | "triton" | "cuda".
+    rows are never read; a NaN/Inf in one adapter stays in the rows of the tokens that use it (reference.py).
+    Accumulates in fp32; returns x's dtype. With ``out`` the delta is added into it in place and ``out`` is
+    returned. ``backend``: "auto" | "torch" | "cpu" | "triton" | "cuda".
     ``check_values=False`` skips the value checks that need a host sync (ids and ranks in range).
+    ``layout``: ``token_layout(user_ids, U)`` built once per batch and shared by every layer (the model layer's
+    user context does this); segment backends (triton, cuda) then neither sort nor count again, forward or
+    backward. Without it they build their own.
     Differentiable w.r.t. x, expert_a, expert_b, gates, user_a, user_b and user_weight.
     """
     check_values = check_values and not torch.compiler.is_compiling()
     p = validate(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks=user_ranks,
                  expert_scale=expert_scale, user_scale=user_scale, user_weight=user_weight, out=out,
-                 check_values=check_values)
+                 check_values=check_values, layout=layout)
+    if not (p.has_experts or p.has_users):  # K = 0 experts and no users: the delta is zero
+        return out if out is not None else x.new_zeros((x.shape[0], p.d_out))
     name = resolve_backend(backend, str(x.device), x.dtype)
+    lay = p.layout if p.layout is not None else (None, None, None)
     delta = torch.ops.proper.routed_lora(p.x, p.expert_a, p.expert_b, p.gates, p.user_a, p.user_b, p.user_ids,
-                                         p.user_ranks, p.expert_scale, p.user_scale, p.user_weight, name)
+                                         p.user_ranks, p.expert_scale, p.user_scale, p.user_weight, name, *lay)
     if out is not None:
         return out.add_(delta)
     return delta

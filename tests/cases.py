@@ -6,8 +6,10 @@ the torch reference itself makes in that dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
+import pytest
 import torch
 
 import proper_kernels as pk
@@ -168,3 +170,109 @@ def check_backend(backend: str, case: dict, label=""):
     exact, own = oracle(case, go)
     got = run_with_grads(pk.routed_lora, case, go, backend=backend)
     assert_matches(got, exact, own, case["x"].dtype, label or backend)
+
+
+# ------------------------------------------------------------------------------------------ backend names
+# In-process backends by test name: the torch backend in each of its user-term strategies, and the compiled
+# cpu extension when it is built. Triton needs TRITON_INTERPRET=1 before import (see tests/test_triton.py).
+IN_PROCESS_BACKENDS = ["torch-gather", "torch-dense"] + [b for b in pk.available_backends("cpu") if b == "cpu"]
+
+
+@contextlib.contextmanager
+def backend_named(name: str):
+    """Yields the routed_lora backend for a test name of IN_PROCESS_BACKENDS (pins the torch strategy)."""
+    from proper_kernels import reference
+
+    if not name.startswith("torch-"):
+        yield name
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reference, "DENSE_MAX_WIDTH", 0 if name == "torch-gather" else 1 << 30)
+        yield "torch"
+
+
+def backend_supports(name: str, dtype: torch.dtype) -> bool:
+    mod = pk.op._backend_module(name.split("-")[0])
+    return not (hasattr(mod, "unsupported_reason") and mod.unsupported_reason(dtype))
+
+
+# ---------------------------------------------------------------------------------------- fault isolation
+FAULT_SITES = ("expert_a", "expert_b", "user_a", "user_b", "x", "grad_out")
+
+
+def fault_reach(case: dict, site: str, index: tuple) -> dict:
+    """Where a non-finite value at case[site][index] may show up (the contract in reference.py's docstring).
+
+    Returns {result key: bool mask}; every entry outside the masks must stay finite and exact. "reads" marks
+    the tokens whose output row must turn non-finite (an adapter reads the fault). site "grad_out" is the
+    incoming gradient (index (t, o)).
+    """
+    T = case["x"].shape[0]
+    has_e, has_u = case.get("expert_a") is not None, case.get("user_a") is not None
+    tokens = torch.zeros(T, dtype=torch.bool)                  # tokens that may see the faulty value
+    reads = torch.ones(T, dtype=torch.bool)                    # ... and of those, the ones that must
+    experts = torch.zeros(case["expert_a"].shape[0] if has_e else 0, dtype=torch.bool)
+    users = torch.zeros(case["user_a"].shape[0] if has_u else 0, dtype=torch.bool)
+    if site in ("expert_a", "expert_b"):
+        experts[index[0]] = True
+        tokens = case["gates"][:, index[0]] != 0
+    elif site in ("user_a", "user_b"):
+        u = index[0]
+        rank = case["user_a"].shape[1] if case.get("user_ranks") is None else int(case["user_ranks"][u])
+        r = index[1] if site == "user_a" else index[2]
+        if r < rank:                                          # padding past the rank is never read
+            users[u] = True
+            tokens = case["user_ids"] == u
+    else:                                                     # one token's x or incoming gradient
+        t = index[0]
+        tokens[t] = True
+        if has_e:
+            experts = (case["gates"][t] != 0).clone()
+        u = int(case["user_ids"][t]) if has_u else -1
+        if u >= 0:
+            users[u] = True
+        rank_u = 0 if u < 0 else case["user_a"].shape[1] if case.get("user_ranks") is None else \
+            int(case["user_ranks"][u])
+        if not experts.any() and rank_u == 0:
+            reads[t] = False                                  # no adapter reads x[t]: its delta is exactly 0
+    reach = {"d_x": tokens[:, None].expand_as(case["x"])}
+    if site != "grad_out":
+        reach["out"] = tokens[:, None]
+        reach["reads"] = tokens & reads
+    if has_e:
+        cols = experts if site in ("expert_a", "expert_b") else torch.ones_like(experts)
+        reach["d_gates"] = tokens[:, None] & cols[None, :] & (case["gates"] != 0)
+        reach["d_expert_a"] = reach["d_expert_b"] = experts[:, None, None]
+    if has_u:
+        reach["d_user_a"] = reach["d_user_b"] = users[:, None, None]
+        reach["d_user_weight"] = tokens
+    return reach
+
+
+def check_fault_isolation(backend: str, case: dict, site: str, index: tuple, value=float("nan"), label=""):
+    """Put `value` at case[site][index], run `backend` forward + backward, and check the fault stays put.
+
+    Outside fault_reach every output and gradient must match the oracle of the clean case (assert_matches);
+    when the fault sits in an adapter or x, each token that reads it gets a non-finite output row (faults are
+    never hidden).
+    """
+    d_out = (case["expert_b"] if case.get("expert_b") is not None else case["user_b"]).shape[1]
+    go = grad_out_for(case, d_out)
+    exact, own = oracle(case, go)
+    bad, bad_go = dict(case), go.clone()
+    if site == "grad_out":
+        bad_go[index] = value
+    else:
+        bad[site] = case[site].clone()
+        bad[site][index] = value
+    got = run_with_grads(pk.routed_lora, bad, bad_go, backend=backend)
+    reach = fault_reach(case, site, index)
+    if "reads" in reach:
+        rows = reach.pop("reads")
+        hidden = torch.isfinite(got["out"][rows]).all(1)
+        assert not hidden.any(), f"{label} {site}{index}: fault hidden in rows {rows.nonzero()[hidden].tolist()}"
+
+    def outside(res):
+        return {k: torch.where(reach[k], 0.0, v) if k in reach else v for k, v in res.items()}
+
+    assert_matches(outside(got), outside(exact), outside(own), case["x"].dtype, f"{label} {site}{index}={value}")

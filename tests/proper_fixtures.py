@@ -23,9 +23,9 @@ def _smollm2():
 
 
 def smollm2():
-    """(fresh deep copy of SmolLM2-135M in fp32, its tokenizer with left padding)."""
+    """(fresh deep copies of SmolLM2-135M in fp32 and of its tokenizer)."""
     model, tok = _smollm2()
-    return copy.deepcopy(model), tok
+    return copy.deepcopy(model), copy.deepcopy(tok)   # a test may set padding_side: never for the next one
 
 
 @pytest.fixture

@@ -78,7 +78,7 @@ def metadata(p: Problem) -> Meta:
     ids = p.user_ids if p.has_users else torch.full((T,), -1, dtype=torch.int64, device=x.device)
     # Small blocks while segments are short (decode: a few tokens per user); larger for prefill/training.
     block_t = 16 if T <= 512 else 64
-    lay = layout.token_layout(ids, U)
+    lay = p.token_layout() if p.has_users else layout.token_layout(ids, U)   # the batch's, if given
     blocks = layout.block_table(lay, U, block_t, include_no_user=True)
     ranks = p.user_ranks.to(torch.int32) if (p.has_users and p.user_ranks is not None) else None
     return Meta(T, K, max(r_e, 1), K * r_e, U, RMAX, block_t, lay, blocks, ranks)

@@ -1,0 +1,177 @@
+"""Multi-user generation speed on the embedded SmolLM2-135M: base model vs proper vs peft's mixed-adapter batch.
+
+    python benchmarks/bench_generate.py                     # 16 prompts / 16 users, 32 new tokens, greedy
+    python benchmarks/bench_generate.py --quick             # a smoke run (4 prompts, 4 tokens, 1 rep)
+
+Providers, all on the same prompts with left padding and exactly --new-tokens new tokens (EOS suppressed, so
+every provider does the same work):
+    base          the model's own generate
+    proper[B]     proper with user rank 16 + K=8 experts of rank 16, top-2, LoRA-aware router, all seven Llama
+                  projections, one user per prompt; once per routed_lora backend B available on this CPU
+    peft          peft's mixed-adapter batch (adapter_names=...) with one rank-16 adapter per user
+Every provider runs --reps times, interleaved (base, proper..., peft, base, ...) so load changes on a shared
+machine hit them alike; medians are compared as ratios vs base measured in this one run. Goals (issue 5):
+proper <= 1.35x base and >= 2.7x faster than peft. If the goal is missed, a torch.profiler table of one proper
+generate is written too (where the time goes). Results: <out>/bench_generate.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+
+import proper
+import proper_kernels as pk
+
+from .serving import LLAMA7, build_peft_mixed, build_proper_serving, demo_prompts
+from .timing import interleaved_times
+
+GOAL_VS_BASE = 1.35
+GOAL_VS_PEFT = 2.7
+def profile_one(fn: Callable[[], object], path: Path, rows: int = 25) -> Dict[str, float]:
+    """torch.profiler over one call: the op table to `path`, and the share spent inside routed_lora."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    ev = prof.key_averages()
+    by_shape = prof.key_averages(group_by_input_shape=True)   # routed_lora vs the base mm, per projection
+    path.write_text(ev.table(sort_by="self_cpu_time_total", row_limit=rows) + "\n\n"
+                    + by_shape.table(sort_by="cpu_time_total", row_limit=rows, max_name_column_width=30,
+                                     max_shapes_column_width=70))
+    total = sum(e.self_cpu_time_total for e in ev)
+    routed = sum(e.cpu_time_total for e in ev if e.key == "proper::routed_lora")
+    mm = sum(e.self_cpu_time_total for e in ev if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    return {"total_ms": total / 1e3, "routed_lora_ms": routed / 1e3, "routed_lora_share": routed / max(total, 1),
+            "matmul_self_share": mm / max(total, 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench_results", help="folder for bench_generate.json / .md")
+    ap.add_argument("--prompts", type=int, default=16, help="prompts = distinct users")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--backends", nargs="*", default=None,
+                    help="routed_lora backends for proper (default: every one available on CPU)")
+    ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
+                    help="profile one proper generate when the goal is missed (auto) or always")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 4 prompts, 4 tokens, 1 rep")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's choice); 1 is far steadier on a CPU shared with other jobs")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.prompts, args.new_tokens, args.reps = 4, 4, 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backends = args.backends or [b for b in pk.available_backends("cpu") if b in ("cpu", "torch")]
+
+    base, tok = proper.load_smollm2()
+    tok.padding_side = "left"   # this benchmark's own tokenizer copy: batched generation pads left
+    enc = tok(demo_prompts(args.prompts), return_tensors="pt", padding=True)
+    user_ids = torch.arange(args.prompts)
+    gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                  pad_token_id=tok.pad_token_id)
+
+    runs: Dict[str, Callable[[], torch.Tensor]] = {"base": lambda: base.generate(**enc, **gen_kw)}
+    models = {}
+    for b in backends:
+        models[b] = build_proper_serving(base, args.prompts, b, copy_base=True)
+
+        def run_proper(m=models[b]):
+            with proper.users(m, user_ids):
+                return m.generate(**enc, **gen_kw)
+
+        runs[f"proper[{b}]"] = run_proper
+    if not args.no_peft:
+        pm = build_peft_mixed(base, args.prompts, copy_base=True)
+        names = [f"u{u}" for u in range(args.prompts)]
+        runs["peft"] = lambda: pm.generate(**enc, **gen_kw, adapter_names=names)
+
+    with torch.no_grad():
+        times = interleaved_times(runs, args.reps, warmup=1, progress=True)
+        first = next(iter(models.values())) if models else None
+        if first is not None:     # sanity: distinct users really get different continuations
+            with proper.users(first, user_ids):
+                toks = first.generate(**enc, **gen_kw)[:, enc.input_ids.shape[1]:]
+            distinct = len({tuple(t.tolist()) for t in toks})
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = {"case": {"model": "SmolLM2-135M-Instruct (fp32)", "prompts": args.prompts, "users": args.prompts,
+                    "new_tokens": args.new_tokens, "prompt_tokens_padded": int(enc.input_ids.shape[1]),
+                    "greedy": True, "targets": list(LLAMA7), "proper": "user r16 + K=8 experts r16, top-2, "
+                    "LoRA-aware router", "peft": f"{args.prompts} adapters r16 mixed batch", "reps": args.reps},
+           "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "backends_available": pk.available_backends("cpu")},
+           "date": _dt.datetime.now().isoformat(timespec="seconds"),
+           "seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
+           "median_s": {k: round(v, 4) for k, v in med.items()},
+           "ratio_vs_base": {k: round(v / med["base"], 3) for k, v in med.items()},
+           "goals": {"proper_vs_base_max": GOAL_VS_BASE, "peft_over_proper_min": GOAL_VS_PEFT}}
+    if first is not None:
+        res["distinct_user_outputs"] = distinct
+    verdicts = {}
+    for b in backends:
+        k = f"proper[{b}]"
+        v = {"vs_base": round(med[k] / med["base"], 3)}
+        if "peft" in med:
+            v["peft_over_proper"] = round(med["peft"] / med[k], 3)
+        v["goal_met"] = v["vs_base"] <= GOAL_VS_BASE and v.get("peft_over_proper", GOAL_VS_PEFT) >= GOAL_VS_PEFT
+        verdicts[k] = v
+    res["verdicts"] = verdicts
+
+    missed = [k for k, v in verdicts.items() if not v["goal_met"]]
+    if models and (args.profile == "always" or (args.profile == "auto" and missed)):
+        b = (missed[0] if missed else f"proper[{backends[0]}]")[len("proper["):-1]
+        m = models[b]
+
+        def one():
+            with torch.no_grad(), proper.users(m, user_ids):
+                m.generate(**enc, **gen_kw)
+
+        res["profile"] = {"backend": b, **profile_one(one, out / f"bench_generate_profile_{b}.txt"),
+                          "table": f"bench_generate_profile_{b}.txt"}
+        pb = profile_one(lambda: base.generate(**enc, **gen_kw), out / "bench_generate_profile_base.txt")
+        res["profile"]["base_total_ms"] = pb["total_ms"]
+
+    (out / "bench_generate.json").write_text(json.dumps(res, indent=2))
+    md = markdown(res)
+    (out / "bench_generate.md").write_text(md)
+    print(md)
+    return 0
+
+
+def markdown(res) -> str:
+    c = res["case"]
+    lines = [f"# Multi-user generation: {c['model']}", "",
+             f"{c['prompts']} prompts from {c['users']} distinct users, {c['new_tokens']} new tokens each, greedy, "
+             f"left padding to {c['prompt_tokens_padded']} tokens; adapted: {', '.join(c['targets'])}. "
+             f"proper: {c['proper']}; peft: {c['peft']}. Median of {c['reps']} interleaved reps, "
+             f"{res['machine']['threads']} threads, {res['date']}.", "",
+             "| provider | median s | x base |", "|---|---:|---:|"]
+    for k, v in res["median_s"].items():
+        lines.append(f"| {k} | {v:.3f} | {res['ratio_vs_base'][k]:.2f} |")
+    lines += ["", f"Goals: proper <= {GOAL_VS_BASE}x base, peft / proper >= {GOAL_VS_PEFT}.", ""]
+    for k, v in res["verdicts"].items():
+        peft = f", peft / proper = {v['peft_over_proper']:.2f}" if "peft_over_proper" in v else ""
+        lines.append(f"- {k}: {v['vs_base']:.2f}x base{peft}: goal {'met' if v['goal_met'] else 'MISSED'}")
+    if "profile" in res:
+        p = res["profile"]
+        lines += ["", f"Profile of one proper[{p['backend']}] generate: {p['total_ms']:.0f} ms of CPU op time "
+                  f"(base: {p['base_total_ms']:.0f} ms), {100 * p['routed_lora_share']:.0f}% inside "
+                  f"proper::routed_lora ({p['routed_lora_ms']:.0f} ms); op table: {p['table']}."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""One training step (forward + backward) of SmolLM2-135M on a mixed-user batch: ours vs peft vs base.
+
+    python -m benchmarks.bench_train_step --out bench_results/train_step
+
+Batch: 16 users x 64 tokens. Providers, all on the same model and batch, timed in one run:
+  base         the frozen base model, forward + backward to the input embeddings (the activation-gradient
+               work every adapter method pays; no weight gradients)
+  peft-single  one peft LoRA (r = 16) on all 7 projections for the whole batch: the cost of a plain adapter
+  peft-loop    16 peft adapters, one per user, trained by looping over users (peft cannot train a
+               mixed-adapter batch): one forward + backward per user
+  ours         proper's user stage: K = 8 frozen experts (r = 16, top-2), a user LoRA (r = 16) per user and the
+               LoRA-aware router, all 7 projections, the whole mixed batch in one forward + backward
+Goal (issue 8): ours <= 1.2x base (moonshot <= 1.10x) and >= 1.5x faster than peft-loop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+import proper
+
+from .timing import interleaved_times, peak_memory_mb
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _batch(tok, n_users: int, seq: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(10, tok.vocab_size - 10 if tok is not None else 40000, (n_users, seq), generator=gen)
+
+
+def _base(n_users, seq):
+    from proper import load_smollm2
+
+    model, tok = load_smollm2()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, _batch(tok, n_users, seq)
+
+
+def _step(model, ids, embeds_grad: bool = False):
+    """forward + backward of the LM loss; the base model's backward flows to its input embeddings."""
+    if embeds_grad:
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        out = model(inputs_embeds=emb, labels=ids)
+    else:
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+
+
+def make_providers(n_users: int, seq: int, rank: int = 16, K: int = 8, top_k: int = 2):
+    def base():
+        model, ids = _base(n_users, seq)
+        return lambda: _step(model, ids, embeds_grad=True)
+
+    def ours():
+        model, ids = _base(n_users, seq)
+        cfg = proper.ProperConfig(num_users=n_users, num_experts=K, expert_rank=rank, user_rank=rank, top_k=top_k,
+                                  alpha=2 * rank, target_modules=tuple(TARGETS))
+        model = proper.apply_proper(model, cfg)
+        _randomise(model)
+        proper.set_stage(model, "user")
+        model.train()
+        user_ids = torch.arange(n_users)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            with proper.users(model, user_ids):
+                _step(model, ids)
+        return step
+
+    def peft_model(n_adapters):
+        from peft import LoraConfig, get_peft_model
+
+        model, ids = _base(n_users, seq)
+        cfg = lambda: LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0)  # noqa: E731
+        pm = get_peft_model(model, cfg(), adapter_name="u0")
+        for i in range(1, n_adapters):
+            pm.add_adapter(f"u{i}", cfg())
+        pm.train()
+        return pm, ids
+
+    def peft_single():
+        pm, ids = peft_model(1)
+
+        def step():
+            pm.zero_grad(set_to_none=True)
+            _step(pm, ids)
+        return step
+
+    def peft_loop():
+        pm, ids = peft_model(n_users)
+
+        def step():
+            pm.zero_grad(set_to_none=True)
+            for u in range(n_users):          # peft trains one adapter at a time
+                pm.base_model.set_adapter(f"u{u}")
+                _step(pm, ids[u:u + 1])
+        return step
+
+    return {"base": base, "ours": ours, "peft-single": peft_single, "peft-loop": peft_loop}
+
+
+@torch.no_grad()
+def _randomise(model):
+    """Non-zero adapters and routers, so no multiplication by an all-zero B is skipped anywhere."""
+    gen = torch.Generator().manual_seed(0)
+    for layer in proper.proper_layers(model).values():
+        for name, p in layer.named_parameters():
+            if p.is_floating_point() and "base" not in name and p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def suite_rows(quick: bool = False, n_users: int = 16, seq: int = 64, rounds: int = 5) -> List[Dict[str, object]]:
+    """All providers built first, then timed in interleaved rounds (median per provider), so a burst of load
+    on the shared machine hits every provider alike and the ratios stay meaningful."""
+    if quick:
+        return []      # a SmolLM2 training step per provider takes too long for the quick subset
+    steps = {name: make() for name, make in make_providers(n_users, seq).items()}
+    times = interleaved_times(steps, rounds, warmup=1, progress=True)
+    rows = []
+    for name, fn in steps.items():
+        rows.append({"case": f"train step SmolLM2 {n_users} users x {seq} tokens", "provider": name,
+                     "ms": 1e3 * statistics.median(times[name]), "min_ms": 1e3 * min(times[name]), "reps": rounds,
+                     "peak_mb": peak_memory_mb(fn)})
+    base = next(r["ms"] for r in rows if r["provider"] == "base")
+    for r in rows:
+        r["x_vs_base"] = r["ms"] / base
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench_results/train_step")
+    p.add_argument("--users", type=int, default=16)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
+    args = p.parse_args(argv)
+    rows = suite_rows(False, args.users, args.seq, args.rounds)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_step.json").write_text(json.dumps(rows, indent=2))
+    loop = next(r["ms"] for r in rows if r["provider"] == "peft-loop")
+    lines = ["| provider | ms | x vs base | x faster than peft-loop | peak MB |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['provider']} | {r['ms']:.0f} | {r['x_vs_base']:.2f} | {loop / r['ms']:.2f} | {r['peak_mb']:.0f} |"
+              for r in rows]
+    (out / "train_step.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""proper.training: the three-stage PROPER trainer behind ``proper train``: population -> group -> user, all
+in mixed-user batches.
+
+Stages (each one ``set_stage`` of the same patched model, so every stage runs through ``routed_lora``):
+
+population  one LoRA (the op with K = 1, gate 1) trained on every user's history.
+group       K experts copied from the population LoRA (``set_stage``'s ``init_experts``) and trained together
+            with the user-aware router (a learned per-user embedding -> softmax over K, optional top-k; one gate
+            vector per user, broadcast to all of that user's tokens).
+user        experts and user-aware router frozen; every user's LoRA and the LoRA-aware router trained together
+            in mixed-user batches (one forward per batch whatever users it holds; never a per-user loop).
+
+Losses (simplest faithful forms; coefficients configurable, see :class:`TrainConfig`):
+
+    L_lm   = mean over target tokens of -log p(target token | prompt, earlier target tokens)
+             (prompt tokens and padding are not scored)
+    L_pop  = L_lm
+    L_grp  = L_lm + lb_coef * L_lb + distinct_coef * L_div
+        L_lb  = mean over layers of  K * sum_k pbar_k^2,  pbar_k = mean over the batch's sequences of the
+                user-aware router's softmax probability of expert k (before top-k). It is 1 when the batch
+                uses the experts evenly and K when every user picks the same one (a soft form of the Switch
+                Transformer load-balancing loss; with per-user gates "tokens" are users).
+        L_div = mean over layers and expert pairs j < k of cos^2(dW_j, dW_k), dW_k = B_k A_k, the cosine taken
+                between the experts' full weight updates via the r x r Gram identity
+                <B_j A_j, B_k A_k>_F = sum((A_j A_k^T) * (B_j^T B_k)), so no d_out x d_in matrix is formed.
+                0 when the experts' updates are orthogonal, 1 when they coincide (as at the start of the stage,
+                where the gradient is zero; the per-user gates break the symmetry through L_lm).
+    L_usr  = L_lm
+
+Cold start: an unknown user (id -1) gets no user LoRA and the population-average gates (the layer's rule).
+
+Routers live in every adapted layer (proper.modules.linear: each ProperLinear has its own user-aware router and
+LoRA-aware router), so a user's "group assignment" is reported as its gates averaged over the layers (top
+group = argmax, entropy of that average), next to the mean of the per-layer entropies. The LoRA-aware
+router's head starts at zero and reads the user LoRAs, whose B starts at zero: its gradient is exactly zero
+at the first user-stage step and non-zero from the second on.
+
+Batches: each step draws ``batch_size`` training examples with a generator seeded by (seed, stage, step)
+(uniform over examples, or ``sampling="user"``: a uniform user, then one of its examples), so batches mix
+users and a resumed run sees the same batches as an uninterrupted one.
+
+Each stage: tqdm progress, dev loss every ``eval_every`` steps (and before the first step), early stopping
+after ``patience`` evaluations without improvement with the best dev weights restored at the end, an atomic
+checkpoint at every evaluation (``save_pretrained`` + optimizer/early-stopping state), so ``--resume`` loses at
+most one interval and reproduces the same losses, and metrics written as JSON:
+
+    OUT/metrics.json            {"systems": {NAME: {"mae", "rmse", "mae_expected", "rmse_expected", "n",
+                                 "buckets": {PROFILE-SIZE: {...}}}}, "stages": ..., "groups": ..., "data": ...}
+    OUT/history.json            per-step losses and dev evaluations of each stage
+    OUT/group_assignments.json  per-user gates (mean over layers), top group and entropy, after group and user
+    OUT/predictions.json        every system's per-example test predictions (paired comparisons, bootstrap CIs)
+    OUT/stages/<stage>/         the model after each stage (save_pretrained; proper.from_pretrained loads it)
+    OUT/checkpoints/            the latest resumable checkpoint (latest.json points at it)
+    OUT/ablations/<name>/       the trained ablations' own checkpoints and progress
+
+Systems (rating data): user_mean (the user's mean training rating), item_mean (the item's mean training
+rating over the selected users, the global mean for unseen items), base (the untouched model), population,
+group, proper, proper_cold_start (every test user treated as unknown), and two trained ablations of the user
+stage, each a second copy of the model that starts from this run's frozen parts and trains the user LoRAs on
+the same batches: population+user (no groups: the population LoRA plus each user's LoRA, added with w = 1)
+and proper_no_lora_router (the experts and user-aware router, user LoRAs added with w = 1, no LoRA-aware
+router). proper_router_off_at_inference is the trained PROPER model with its LoRA-aware router switched off
+at inference only. LLM systems predict the argmax over the five rating tokens ("mae", "rmse") and the
+expectation under their renormalised probabilities ("mae_expected", "rmse_expected"). Metrics
+come from scikit-learn (MAE/RMSE) and rouge-score (ROUGE-1/L, generation data).
+
+Modules: config (TrainConfig, presets), model_setup (the base model), batches, losses, evaluation,
+checkpoints (the one write and resume path), trainer, ablations, run (run_train), report (tables, plots,
+bootstrap intervals), distributed (torchrun data parallelism).
+"""
+from .batches import Encoded, collate, encode
+from .config import ABLATIONS, BUDGETS, STAGES, TrainConfig, TrainingInterrupted
+from .evaluation import classic_baselines, group_report, rating_metrics, rouge_metrics, summary_table
+from .losses import distinct_loss, expert_cosines, lm_loss, load_balance_loss
+from .model_setup import load_model, target_modules, truncate_layers
+from .run import run_train
+from .trainer import Trainer
+
+__all__ = ["TrainConfig", "BUDGETS", "STAGES", "ABLATIONS", "TrainingInterrupted", "Trainer", "run_train",
+           "summary_table", "load_model", "truncate_layers", "target_modules", "Encoded", "encode", "collate",
+           "lm_loss", "load_balance_loss", "distinct_loss", "expert_cosines", "rating_metrics", "rouge_metrics",
+           "classic_baselines", "group_report"]

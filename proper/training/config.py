@@ -1,0 +1,111 @@
+"""``proper train``'s configuration: the budget presets and TrainConfig."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+
+
+
+from ..state import STAGES
+
+ABLATIONS = ("population+user", "proper_no_lora_router")
+
+# ------------------------------------------------------------------------------------------------ config
+#: Presets. "default" is sized for ~30 minutes on a quiet 2-core CPU with SmolLM2-135M (30 layers, fp32): a
+#: seeded random subset of 64 users (data.select_users: uniform, so the profile-size distribution is kept;
+#: 128 test ratings), LoRAs on the FFN projections of the top 10 layers (lora_layers: backward then stops
+#: there), 400/150/200 steps of 8 examples for the three stages plus 200 for each trained ablation. Measured
+#: per step on that machine: ~1.1 s (population), ~1 s (user); the user LoRAs train at lr/3 (at lr they
+#: overfit within ~20 steps in a first 32-user run: dev loss rose while the training probe loss rose too).
+#: "tiny" is a minutes-long smoke run (4 users, 6 steps a stage and per ablation, LoRAs on the top 2 layers).
+BUDGETS: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(max_users=4, batch_size=4, steps_population=6, steps_group=6, steps_user=6, eval_every=3,
+                 patience=3, num_experts=2, top_k=0, expert_rank=4, user_rank=2, dev_max=4, test_max=None,
+                 max_len=128, lr=2e-3, user_lr=None, router_lr=2e-2, lora_layers=2),
+    "default": dict(max_users=64, batch_size=8, steps_population=400, steps_group=150, steps_user=200,
+                    eval_every=50, patience=3, num_experts=4, top_k=2, expert_rank=8, user_rank=4, dev_max=64,
+                    test_max=None, max_len=128, lr=1e-3, user_lr=3e-4, router_lr=1e-2, lora_layers=10),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``proper train`` takes. ``None`` fields come from the ``budget`` preset (:data:`BUDGETS`)."""
+
+    data: str = "movielens-100k"
+    out: str = "runs/proper"
+    budget: str = "default"
+    seed: int = 0
+    max_users: Any = None              # int or "all"
+    batch_size: Optional[int] = None
+    steps_population: Optional[int] = None
+    steps_group: Optional[int] = None
+    steps_user: Optional[int] = None
+    eval_every: Optional[int] = None   # steps between dev evaluations (and checkpoints)
+    patience: Optional[int] = None     # evaluations without dev improvement before stopping the stage
+    num_experts: Optional[int] = None
+    top_k: Optional[int] = None
+    expert_rank: Optional[int] = None
+    user_rank: Optional[int] = None
+    alpha: float = 16.0
+    target_modules: Tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    lora_layers: Any = None            # adapt only the top N decoder layers; 0 or "all": every layer
+    lr: Optional[float] = None         # LoRA learning rate (AdamW, constant, no weight decay)
+    user_lr: Optional[float] = None    # the user LoRAs' learning rate in the user stage (None: lr)
+    router_lr: Optional[float] = None  # routers' learning rate
+    lb_coef: float = 0.01              # load-balancing term of the group loss
+    distinct_coef: float = 0.01        # experts-distinct term of the group loss
+    max_len: Optional[int] = None      # prompt + target tokens; longer prompts lose their start
+    dev_max: Optional[int] = None      # dev examples scored per evaluation (None: all)
+    test_max: Optional[int] = None     # test examples scored per system (None: all)
+    max_history: Optional[int] = None  # train on each user's latest N history examples only (None: all)
+    eval_batch_size: int = 16
+    sampling: str = "example"          # "example": uniform over training examples; "user": user, then example
+    grad_clip: float = 1.0
+    backend: str = "auto"
+    resume: bool = False
+    num_layers: Optional[int] = None   # keep only the first N decoder layers (tests and smoke runs)
+    stop_after: Optional[str] = None   # "STAGE:STEP": stop there as if interrupted (tests of --resume)
+    max_new_tokens: int = 32           # generation data: tokens generated per test example
+    ablations: Tuple[str, ...] = ("population+user", "proper_no_lora_router")   # trained user-stage ablations
+    on_error: str = "raise"            # bad data lines/users: "raise" (name file and line) or "skip" (count them)
+
+    def resolved(self) -> "TrainConfig":
+        if self.budget not in BUDGETS:
+            raise ValueError(f"--budget must be one of {sorted(BUDGETS)}, got {self.budget!r}")
+        preset = BUDGETS[self.budget]
+        vals = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for k, v in preset.items():
+            if vals.get(k) is None:
+                vals[k] = v
+        cfg = TrainConfig(**vals)
+        cfg.target_modules = tuple(cfg.target_modules)
+        for name in ("batch_size", "eval_every", "patience", "expert_rank", "user_rank", "max_len"):
+            if int(getattr(cfg, name)) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+        for name in ("steps_population", "steps_group", "steps_user", "num_experts", "top_k"):
+            if int(getattr(cfg, name)) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+        cfg.ablations = tuple(cfg.ablations)
+        bad = [a for a in cfg.ablations if a not in ABLATIONS]
+        if bad:
+            raise ValueError(f"--ablations: unknown {bad}; known: {ABLATIONS}")
+        if cfg.on_error not in ("raise", "skip"):
+            raise ValueError(f"--on-error must be 'raise' or 'skip', got {cfg.on_error!r}")
+        if cfg.sampling not in ("example", "user"):
+            raise ValueError(f"--sampling must be 'example' or 'user', got {cfg.sampling!r}")
+        if cfg.stop_after is not None:
+            st, _, step = cfg.stop_after.partition(":")
+            if st not in STAGES or not step.isdigit():
+                raise ValueError(f"--stop-after must be STAGE:STEP with STAGE in {STAGES}, got {cfg.stop_after!r}")
+        return cfg
+
+    def steps(self, stage: str) -> int:
+        return int(getattr(self, f"steps_{stage}"))
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by ``stop_after`` (a simulated interruption; the run resumes with ``resume=True``)."""
+

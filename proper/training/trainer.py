@@ -1,0 +1,268 @@
+"""The Trainer: runs one stage at a time on a patched model (batches, steps, dev evaluation, early stopping,
+checkpoints) and evaluates the systems each stage makes."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import data as D
+from . import distributed as DD
+
+from ..generation import generate_for_users
+from ..io import save_pretrained
+from ..modules import ProperLinear
+from ..patch import set_stage
+from ..routing import lora_router_disabled
+from ..state import get_state
+from .batches import collate, encode, step_seed
+from .checkpoints import save_checkpoint, write_json
+from .config import TrainConfig, TrainingInterrupted
+from .evaluation import (fmt_system, group_report, mean_lm_loss, rating_metrics, rouge_metrics, score_next_token,
+                         spread, user_gates)
+from .losses import distinct_loss, load_balance_loss, lm_loss
+
+log = logging.getLogger("proper.train")
+
+
+class Trainer:
+    """Runs the three stages on one patched model; see the module docstring for what it writes."""
+
+    def __init__(self, cfg: TrainConfig, dataset: D.Dataset, model, tokenizer, *, progress: bool = True):
+        self.cfg, self.ds, self.model, self.tok = cfg, dataset, model, tokenizer
+        self.out = Path(cfg.out)
+        self.progress = progress
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.rating = dataset.task == "rating"
+        self.rating_ids = D.rating_token_ids(tokenizer) if self.rating else None
+        index = dataset.user_index()
+        add_eos = not self.rating
+
+        def enc(exs, known=True):
+            return encode(tokenizer, exs, [index[ex.user] if known else -1 for ex in exs], cfg.max_len, add_eos)
+
+        hist = [s.train[-cfg.max_history:] if cfg.max_history else s.train for s in dataset.users.values()]
+        self.train_items = enc([ex for h in hist for ex in h])
+        self.by_user: List[List[int]] = []
+        pos = 0
+        for h in hist:
+            self.by_user.append(list(range(pos, pos + len(h))))
+            pos += len(h)
+        dev = spread(dataset.examples("dev"), cfg.dev_max)
+        self.dev_items = enc(dev)
+        self.test_examples = spread(dataset.examples("test"), cfg.test_max)
+        self.test_items = enc(self.test_examples)
+        self.test_cold = enc(self.test_examples, known=False)
+        # a fixed probe of training examples (the first of each user, then the second, ...) for the
+        # "loss falls" record of each stage
+        probe = []
+        for j in range(2):
+            probe += [ids[j] for ids in self.by_user if len(ids) > j]
+        self.probe_items = [self.train_items[i] for i in probe[: max(8, 2 * cfg.batch_size)]]
+        self.sizes = [dataset.users[ex.user].profile_size for ex in self.test_examples]
+        self.progress_path = self.out / "progress.json"
+        self.state: Dict[str, Any] = {"systems": {}, "stages": {}, "history": {}, "groups": {}, "predictions": {}}
+
+    # ------------------------------------------------------------------------------ batches
+    def batch(self, stage: str, step: int):
+        rng = np.random.default_rng(step_seed(self.cfg.seed, stage, step))
+        bs = self.cfg.batch_size
+        if self.cfg.sampling == "user":
+            us = rng.integers(0, len(self.by_user), bs)
+            idx = [self.by_user[u][rng.integers(0, len(self.by_user[u]))] for u in us]
+        else:
+            idx = rng.integers(0, len(self.train_items), bs).tolist()
+        # the global batch is the same on every rank; each rank trains on its slice (proper.distributed)
+        return collate([self.train_items[i] for i in DD.shard(idx)], self.pad)
+
+    # ------------------------------------------------------------------------------ evaluation
+    def dev_loss(self) -> Dict[str, float]:
+        if self.rating:
+            s = score_next_token(self.model, self.dev_items, self.pad, self.cfg.eval_batch_size, self.rating_ids)
+            pred = s["probs"].argmax(-1) + 1
+            true = np.array([self.rating_ids.index(it.ids[it.n_prompt]) + 1 for it in self.dev_items])
+            return {"dev_loss": float(s["nll"].mean()), "dev_mae": float(np.abs(pred - true).mean())}
+        return {"dev_loss": mean_lm_loss(self.model, self.dev_items, self.pad, self.cfg.eval_batch_size)}
+
+    def evaluate_system(self, name: str, cold: bool = False) -> Dict[str, Any]:
+        items = self.test_cold if cold else self.test_items
+        t0 = time.time()
+        if self.rating:
+            s = score_next_token(self.model, items, self.pad, self.cfg.eval_batch_size, self.rating_ids)
+            probs = s["probs"]
+            y = [float(ex.target) for ex in self.test_examples]
+            pred, expected = probs.argmax(-1) + 1, probs @ np.arange(1, 6)
+            res = rating_metrics(y, pred, self.sizes, expected)
+            res["nll"] = float(s["nll"].mean())
+            self.state.setdefault("predictions", {})[name] = {"pred": pred.tolist(),
+                                                              "expected": [round(float(v), 5) for v in expected]}
+        else:
+            pairs = DD.shard([(it.row, ex.input) for it, ex in zip(items, self.test_examples)])
+            preds = generate_for_users(self.model, self.tok, pairs, max_new_tokens=self.cfg.max_new_tokens,
+                                       batch_size=self.cfg.eval_batch_size) if pairs else []
+            preds = DD.gather_sharded(preds)
+            res = rouge_metrics([ex.target for ex in self.test_examples], [p.strip() for p in preds], self.sizes)
+            self.state.setdefault("predictions", {})[name] = {"pred": [p.strip() for p in preds]}
+        res["seconds"] = round(time.time() - t0, 2)
+        self.state["systems"][name] = res
+        log.info("%s: %s", name, fmt_system(res))
+        return res
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, stage: str, step: int, finished: bool, opt, es: Dict[str, Any]) -> None:
+        """A resumable checkpoint (training/checkpoints.py); the progress file is written with it."""
+        save_checkpoint(self.out / "checkpoints", self.model,
+                        {"stage": stage, "step": step, "finished": finished,
+                         "optimizer": None if opt is None else opt.state_dict(), "early_stopping": es},
+                        on_saved=self._save_progress)
+
+    def _save_progress(self) -> None:
+        if DD.is_main():
+            write_json(self.progress_path, self.state)
+
+    # ------------------------------------------------------------------------------ a stage
+    def _router_params(self) -> set:
+        """ids of the routers' parameters (ProperLinear.ROUTER_PARTS): they train at router_lr."""
+        return {id(p) for layer in get_state(self.model).layers.values() for part in ProperLinear.ROUTER_PARTS
+                for p in layer.part_parameters(part)}
+
+    def _optimizer(self, stage: str):
+        groups: Dict[str, List[torch.nn.Parameter]] = {"lora": [], "router": []}
+        routers = self._router_params()
+        for p in self.model.parameters():
+            if p.requires_grad:
+                groups["router" if id(p) in routers else "lora"].append(p)
+        lr = self.cfg.user_lr if (stage == "user" and self.cfg.user_lr) else self.cfg.lr
+        params = [{"params": groups["lora"], "lr": lr},
+                  {"params": groups["router"], "lr": self.cfg.router_lr}]
+        return torch.optim.AdamW([g for g in params if g["params"]], weight_decay=0.0)
+
+    def _trainable_named(self) -> Dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def stage_loss(self, stage: str, batch) -> Tuple[torch.Tensor, Dict[str, float]]:
+        lm = lm_loss(self.model, batch)
+        parts = {"lm": float(lm.detach())}
+        loss = lm
+        if stage == "group":
+            lb = load_balance_loss(self.model, batch[3])
+            div = distinct_loss(self.model)
+            loss = lm + self.cfg.lb_coef * lb + self.cfg.distinct_coef * div
+            parts.update(lb=float(lb.detach()), div=float(div.detach()))
+        parts["loss"] = float(loss.detach())
+        return loss, parts
+
+    def run_stage(self, stage: str, resume: Optional[Dict[str, Any]] = None) -> None:
+        cfg = self.cfg
+        set_stage(self.model, stage)
+        self.model.train()
+        steps = cfg.steps(stage)
+        opt = self._optimizer(stage)
+        named = self._trainable_named()
+        routers = self._router_params()
+        hist = self.state["history"].setdefault(stage, {"steps": [], "evals": []})
+        info = self.state["stages"].setdefault(stage, {})
+        t_start = time.time()
+        if resume is not None:
+            opt.load_state_dict(resume["optimizer"])
+            es = resume["early_stopping"]
+            es["best"] = {k: v.clone() for k, v in es["best"].items()}
+            start = resume["step"] + 1
+            # the history written after the checkpoint was taken is discarded, so it matches the weights
+            hist["steps"] = [h for h in hist["steps"] if h["step"] < start]
+            hist["evals"] = [h for h in hist["evals"] if h["step"] < start]
+            log.info("%s: resuming at step %d", stage, start)
+        else:
+            info.update(probe_loss_start=mean_lm_loss(self.model, self.probe_items, self.pad, cfg.eval_batch_size))
+            d0 = self.dev_loss()
+            hist["evals"].append({"step": -1, **d0})
+            es = {"best_loss": d0["dev_loss"], "best_step": -1, "bad": 0, "stopped": False,
+                  "best": {k: p.detach().clone() for k, p in named.items()}}
+            start = 0
+        stop_stage, stop_step = (cfg.stop_after.split(":") + [None])[:2] if cfg.stop_after else (None, None)
+        bar = tqdm(total=steps, mininterval=1.0, initial=start, desc=stage, disable=not self.progress)
+        last = start - 1   # the last step run
+        try:
+            for step in range(start, steps):
+                if es["stopped"]:
+                    break
+                last = step
+                torch.manual_seed(step_seed(cfg.seed, stage, step))
+                loss, parts = self.stage_loss(stage, self.batch(stage, step))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                DD.average_gradients(list(named.values()))
+                if DD.world_size() > 1:   # log the mean over the ranks' slices
+                    parts = dict(zip(parts, (v / DD.world_size() for v in DD.all_reduce_sum(parts.values()))))
+                gn = torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.grad_clip)
+                if stage != "population":
+                    parts["router_grad_norm"] = _grad_norm([p for p in named.values() if id(p) in routers])
+                parts["grad_norm"] = float(gn)
+                opt.step()
+                hist["steps"].append({"step": step, **parts})
+                bar.update(1)
+                bar.set_postfix(loss=f"{parts['loss']:.4f}")
+                if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+                    d = self.dev_loss()
+                    hist["evals"].append({"step": step, **d})
+                    if d["dev_loss"] < es["best_loss"] - 1e-4:
+                        es.update(best_loss=d["dev_loss"], best_step=step, bad=0,
+                                  best={k: p.detach().clone() for k, p in named.items()})
+                    else:
+                        es["bad"] += 1
+                        if es["bad"] >= cfg.patience:
+                            es["stopped"] = True
+                            log.info("%s: early stop at step %d (best dev loss %.4f at step %d)", stage, step,
+                                     es["best_loss"], es["best_step"])
+                    self.save_checkpoint(stage, step, False, opt, es)
+                if stop_stage == stage and step == int(stop_step):
+                    raise TrainingInterrupted(f"stopped after {stage} step {step} (--stop-after)")
+        finally:
+            bar.close()
+        info.update(steps_run=last + 1, steps=steps, best_step=es["best_step"], best_dev_loss=es["best_loss"],
+                    stopped_early=bool(es["stopped"]),
+                    seconds=round(info.get("seconds", 0.0) + time.time() - t_start, 2))
+        info["probe_loss_end"] = mean_lm_loss(self.model, self.probe_items, self.pad, cfg.eval_batch_size)
+        if es["best_step"] == last:
+            info["probe_loss_best"] = info["probe_loss_end"]
+        else:
+            with torch.no_grad():   # the best dev weights
+                for k, p in named.items():
+                    p.copy_(es["best"][k])
+            info["probe_loss_best"] = mean_lm_loss(self.model, self.probe_items, self.pad, cfg.eval_batch_size)
+        if info["probe_loss_end"] >= info["probe_loss_start"]:
+            log.warning("%s: the training probe loss did not fall (%.4f -> %.4f)", stage, info["probe_loss_start"],
+                        info["probe_loss_end"])
+
+    def after_stage(self, stage: str) -> None:
+        """Evaluate the systems this stage makes and log group assignments; save the stage's model."""
+        rows = torch.arange(len(self.ds))
+        if stage == "population":
+            self.evaluate_system("population")
+        elif stage == "group":
+            self.evaluate_system("group")
+            g = user_gates(self.model, rows, "group")
+            if g is not None:
+                self.state["groups"]["group"] = group_report(g, self.ds.user_list)
+        else:
+            self.evaluate_system("proper")
+            if get_state(self.model).cfg.lora_router:
+                with lora_router_disabled(self.model):
+                    self.evaluate_system("proper_router_off_at_inference")
+            self.evaluate_system("proper_cold_start", cold=True)
+            g = user_gates(self.model, rows, "user")
+            if g is not None:
+                self.state["groups"]["user"] = group_report(g, self.ds.user_list)
+        if DD.is_main():
+            save_pretrained(self.model, self.out / "stages" / stage)
+
+
+
+def _grad_norm(params) -> float:
+    gs = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(gs).norm()) if gs else 0.0

@@ -1,0 +1,182 @@
+"""The compiled CPU backend beyond the shared grid (tests/test_backends.py), and the package without it.
+
+- With the extension disabled (PROPER_DISABLE_EXT=1, in a subprocess) the package imports, "auto" runs the torch
+  backend, and asking for backend="cpu" fails with the reason.
+- Realistic shapes (d = 2048), groups large enough to take the packed-weight paths, results independent of the
+  thread count (bitwise), every micro-kernel ISA this CPU can run, partial gradient requests, mixed dtypes of the
+  small inputs.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import proper_kernels as pk
+from cases import DIFF_ARGS, _call, check_backend, grad_out_for, make_case, oracle, run_with_grads
+
+ROOT = Path(__file__).resolve().parents[2]
+HAS_CPU = "cpu" in pk.available_backends("cpu")
+needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="the compiled cpu backend is not built")
+
+
+def test_without_extension_subprocess():
+    code = textwrap.dedent("""
+        import torch, proper_kernels as pk
+        assert pk.available_backends("cpu") == ["torch"], pk.available_backends("cpu")
+        x = torch.randn(5, 8); ua = torch.randn(3, 4, 8); ub = torch.randn(3, 6, 4)
+        ids = torch.tensor([0, 1, -1, 2, 0])
+        y = pk.routed_lora(x, None, None, None, ua, ub, ids)
+        ref = pk.routed_lora_reference(x, None, None, None, ua, ub, ids)
+        assert torch.allclose(y, ref)
+        try:
+            pk.routed_lora(x, None, None, None, ua, ub, ids, backend="cpu")
+        except RuntimeError as e:
+            assert "PROPER_DISABLE_EXT" in str(e), str(e)
+            print("OK", e)
+        else:
+            raise AssertionError("backend='cpu' should fail without the extension")
+    """)
+    env = dict(os.environ, PROPER_DISABLE_EXT="1")
+    env.pop("TRITON_INTERPRET", None)  # (the Triton interpreter would make "triton" a CPU backend too)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    assert "OK" in r.stdout, r.stdout
+
+
+@needs_cpu
+def test_isa_reported():
+    from proper_kernels import cpu
+    isas = cpu.supported_isas()
+    assert "generic" in isas and cpu.isa() in isas
+    assert isas[0] == cpu.isa() or os.environ.get("PROPER_CPU_ISA")
+    if "avx512" not in isas:
+        with pytest.raises(RuntimeError, match="cannot run"):
+            cpu.set_isa("avx512")
+        assert cpu.isa() in isas  # a refused switch keeps the current kernels
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_realistic_decode_shape(dtype):
+    """d = 2048, K = 8 experts of rank 16, 64 tokens of 64 distinct users with mixed ranks (NaN padding)."""
+    case = make_case(T=64, d_in=2048, d_out=2048, K=8, r_e=16, U=64, r_max=16, popularity="distinct", dtype=dtype,
+                     seed=11)
+    check_backend("cpu", case, f"decode/{dtype}")
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("popularity", ["identical", "zipf", "uniform"])
+def test_large_groups_packed_paths(dtype, popularity):
+    """Groups with >= 32 tokens (packed B^T / A copies, several token blocks in the weight gradients)."""
+    case = make_case(T=300, d_in=200, d_out=136, K=3, r_e=12, U=4, r_max=24, popularity=popularity, dtype=dtype,
+                     seed=5)
+    check_backend("cpu", case, f"packed/{popularity}/{dtype}")
+
+
+@needs_cpu
+def test_realistic_prefill_shape_fp32():
+    case = make_case(T=256, d_in=2048, d_out=2048, K=8, r_e=16, U=4, r_max=16, ranks="full", nan_pad=False,
+                     popularity="uniform", seed=2)
+    check_backend("cpu", case, "prefill")
+
+
+def _all_results(case, go):
+    return run_with_grads(pk.routed_lora, case, go, backend="cpu")
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", ["zipf", "decode"])
+def test_thread_count_independent(dtype, shape):
+    """Bitwise the same results with 1, 2 and 3 threads (the token chunks differ with the thread count)."""
+    if shape == "zipf":
+        case = make_case(T=290, d_in=70, d_out=50, K=5, r_e=8, U=7, r_max=16, popularity="zipf", dtype=dtype, seed=8)
+    else:  # one token per user: the users run as their own tasks
+        case = make_case(T=40, d_in=70, d_out=50, K=5, r_e=8, U=40, r_max=16, popularity="distinct", dtype=dtype,
+                         seed=8)
+    go = grad_out_for(case, 50)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _all_results(case, go)
+        torch.set_num_threads(2)
+        two = _all_results(case, go)
+        torch.set_num_threads(3)
+        three = _all_results(case, go)
+    finally:
+        torch.set_num_threads(old)
+    for k in one:
+        assert torch.equal(one[k], two[k]), f"{k} differs between 1 and 2 threads"
+        assert torch.equal(one[k], three[k]), f"{k} differs between 1 and 3 threads"
+
+
+@needs_cpu
+def test_every_isa_matches_the_oracle():
+    from proper_kernels import cpu
+    before = cpu.isa()
+    cases = [make_case(T=37, seed=4), make_case(T=133, d_in=67, d_out=33, K=8, U=9, r_max=64, r_e=16, seed=6),
+             make_case(T=300, d_in=45, d_out=31, K=2, r_e=5, U=3, r_max=7, popularity="identical", seed=7,
+                       dtype=torch.bfloat16)]
+    try:
+        for isa in cpu.supported_isas():
+            assert cpu.set_isa(isa) == isa
+            for i, case in enumerate(cases):
+                check_backend("cpu", case, f"{isa}/case{i}")
+    finally:
+        cpu.set_isa(before)
+
+
+@needs_cpu
+@pytest.mark.parametrize("which", [("gates",), ("user_weight",), ("x",), ("expert_a", "user_b"), ("user_a",),
+                                   ("expert_b", "gates", "user_weight")])
+def test_partial_gradients(which):
+    """Only some inputs require grad: the backward computes just those, and they match the oracle."""
+    case = make_case(T=45, K=4, U=5, seed=9)
+    go = grad_out_for(case, case["expert_b"].shape[1])
+    exact, _ = oracle(case, go)
+    c = {k: (v.detach().clone().requires_grad_(k in which) if k in DIFF_ARGS and v is not None else v)
+         for k, v in case.items()}
+    y = _call(pk.routed_lora, c, backend="cpu")
+    grads = torch.autograd.grad(y, [c[k] for k in which], go.to(y.dtype))
+    for k, g in zip(which, grads):
+        e = exact["d_" + k]
+        assert torch.isfinite(g).all()
+        assert (g.double() - e).abs().max() <= 1e-4 * e.abs().max(), k
+
+
+@needs_cpu
+def test_small_input_dtypes_and_out():
+    """fp64 gates / bf16 user weight with fp32 x, int32 ids and ranks; gradients come back in each input's dtype;
+    out= adds into the given tensor."""
+    case = make_case(T=29, K=3, U=4, seed=12)
+    case["gates"] = case["gates"].double()
+    case["user_weight"] = case["user_weight"].to(torch.bfloat16).float()  # values exact in bf16
+    case["user_ids"] = case["user_ids"].int()
+    case["user_ranks"] = case["user_ranks"].int()
+    check_backend("cpu", case, "dtypes")
+    c = dict(case, user_weight=case["user_weight"].to(torch.bfloat16))
+    c = {k: (v.detach().requires_grad_() if k in ("gates", "user_weight") else v) for k, v in c.items()}
+    y = _call(pk.routed_lora, c, backend="cpu")
+    y.sum().backward()
+    assert c["gates"].grad.dtype == torch.float64 and c["user_weight"].grad.dtype == torch.bfloat16
+    base = torch.randn_like(y.detach())
+    out = base.clone()
+    res = _call(pk.routed_lora, case, backend="cpu", out=out)
+    assert res is out
+    assert torch.allclose(out, base + _call(pk.routed_lora, case, backend="torch"), atol=1e-5)
+
+
+@needs_cpu
+def test_auto_picks_cpu_for_fp32_and_bf16_only():
+    assert pk.resolve_backend("auto", "cpu", torch.float32) == "cpu"
+    assert pk.resolve_backend("auto", "cpu", torch.bfloat16) == "cpu"
+    assert pk.resolve_backend("auto", "cpu", torch.float16) == "torch"
+    assert pk.resolve_backend("auto", "cpu", torch.float64) == "torch"
+    with pytest.raises(RuntimeError, match="float32 and bfloat16"):
+        pk.routed_lora(torch.randn(2, 4, dtype=torch.float64), None, None, None, torch.randn(1, 2, 4).double(),
+                       torch.randn(1, 3, 2).double(), torch.zeros(2, dtype=torch.long), backend="cpu")
