@@ -18,11 +18,14 @@ def read_jsonl(path: PathLike, *, n_test: int = 2, n_dev: int = 1, on_error: str
     """Read the documented JSON-lines schema (module docstring) into a per-user split :class:`Dataset`.
 
     ``task``: ``"rating"`` or ``"generation"``; ``None`` infers ``"rating"`` when every target is one of
-    ``"1"`` .. ``"5"``, else ``"generation"``. Errors name ``path:line``; see ``on_error`` in the module doc.
+    ``"1"`` .. ``"5"``, else ``"generation"``; with ``"rating"`` a line whose target is not one of them is a bad
+    line (caught here, not once training has started). Errors name ``path:line``; see ``on_error`` in the module doc.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
+    if task is not None:
+        _check_task(task)
     probs = _Problems(on_error)
     per_user: "OrderedDict[str, list]" = OrderedDict()
     with open(path, "rb") as fh:   # bytes: a line of invalid UTF-8 is that line's error, not a traceback
@@ -59,6 +62,10 @@ def read_jsonl(path: PathLike, *, n_test: int = 2, n_dev: int = 1, on_error: str
             if bad:
                 probs.report(where, f"field(s) {', '.join(bad)} must be strings", "bad_field")
                 continue
+            if task == "rating" and obj["target"].strip() not in RATINGS:   # caught here, before any training
+                probs.report(where, f"task 'rating' needs targets \"1\" .. \"5\", got {obj['target']!r}",
+                             "bad_rating")
+                continue
             t = obj.get("time")
             if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
                 probs.report(where, f"'time' must be a finite number or absent, got {t!r}", "bad_field")
@@ -77,11 +84,6 @@ def read_jsonl(path: PathLike, *, n_test: int = 2, n_dev: int = 1, on_error: str
     allex = [ex for s in users.values() for sp in SPLITS for ex in s[sp]]
     if task is None:
         task = "rating" if all(ex.target.strip() in RATINGS for ex in allex) else "generation"
-    _check_task(task)
-    if task == "rating":   # caught here, before any training starts
-        bad = next((ex for ex in allex if ex.target.strip() not in RATINGS), None)
-        if bad is not None:
-            raise DataError(f"{bad.meta['source']}: task 'rating' needs targets \"1\" .. \"5\", got {bad.target!r}")
     return Dataset(name or path.stem, task, users, dict(probs.skipped), probs.problems, {"source": str(path)})
 
 

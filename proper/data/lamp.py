@@ -61,11 +61,19 @@ def _lamp_task_from_keys(keys: Iterable[str], question: str = "") -> Optional[st
 
 
 def _load_json(path: Path) -> Any:
+    """A whole JSON file; bad bytes, bad JSON and too deep nesting raise DataError naming the file (and line)."""
+    raw = path.read_bytes()
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start + 1} of the file)") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
 
 
 def _lamp_time(p: Mapping[str, Any]) -> Optional[float]:
