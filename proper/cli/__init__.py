@@ -1,4 +1,4 @@
 """The ``proper`` command (console script and ``python -m proper``): demo, train, eval, generate, bench, export."""
-from .main import build_parser, main
+from .app import build_parser, main
 
 __all__ = ["main", "build_parser"]

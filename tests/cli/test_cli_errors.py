@@ -14,7 +14,7 @@ import proper
 from proper_fixtures import tiny_llama
 
 # proper.cli re-exports the function main under the submodule's name, so reach the module through sys.modules
-M = importlib.import_module("proper.cli.main")
+M = importlib.import_module("proper.cli.app")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -110,7 +110,7 @@ def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys, command, argv
     try:
         code = M.main(argv)
     except KeyboardInterrupt:   # escaping, it would stop the whole test session instead of failing this test
-        pytest.fail("KeyboardInterrupt escaped proper.cli.main.main")
+        pytest.fail("KeyboardInterrupt escaped proper.cli.app.main")
     assert code == 130
     err = _error(capsys)
     assert err == f"proper {command}: interrupted" + (" (continue with --resume)" if resume else "")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -139,10 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _attach_option_values(argv: Sequence[str], options=("--pair", "--users")) -> List[str]:
-    """``--pair -1:text`` -> ``--pair=-1:text``: argparse would take a value that starts with '-' for an option."""
+    """``--pair -1:text`` -> ``--pair=-1:text``: argparse would take a value that starts with '-' for an option.
+    Only values that start with a negative number are attached (``--pair --model-dir`` stays an error)."""
     out: List[str] = []
     for i, a in enumerate(argv):
-        if i and argv[i - 1] in options and a.startswith("-") and out and out[-1] == argv[i - 1]:
+        if i and argv[i - 1] in options and re.match(r"-\d", a) and out and out[-1] == argv[i - 1]:
             out[-1] = f"{argv[i - 1]}={a}"
         else:
             out.append(a)
