@@ -22,6 +22,7 @@ import torch
 import proper
 import proper_kernels as pk
 from proper import context
+from proper.training import truncate_layers
 
 from .serving import build_proper_serving, demo_prompts, generate_once
 from .timing import interleaved_times
@@ -61,7 +62,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     base, tok = proper.load_smollm2()
     if args.num_layers:
-        from proper.training import truncate_layers
         truncate_layers(base, args.num_layers)
     model = build_proper_serving(base, args.users)
     prompts, users = demo_prompts(args.users), list(range(args.users))

@@ -36,9 +36,7 @@ def _batch(tok, n_users: int, seq: int, seed: int = 0):
 
 
 def _base(n_users, seq):
-    from proper import load_smollm2
-
-    model, tok = load_smollm2()
+    model, tok = proper.load_smollm2()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, _batch(tok, n_users, seq)
