@@ -89,10 +89,11 @@ class LoRAAwareRouter(nn.Module):
 
     def features(self, a: Tensor, b: Tensor, ranks: Optional[Tensor], scale: Tensor) -> Tensor:
         """f_u for each user of the batch. a [B, r, d_in], b [B, d_out, r], ranks [B], scale [B].  # [B, d_out*P]"""
+        if ranks is not None:   # padding may hold anything: zero it before any product (0 * NaN = NaN), by
+            keep = torch.arange(a.shape[1], device=a.device)[None, :] < ranks[:, None]   # torch.where, so it also
+            a = torch.where(keep[:, :, None], a, 0.0)                                     # gets zero gradient
+            b = torch.where(keep[:, None, :], b, 0.0)
         z = torch.matmul(a, self.probes.t())                               # [B, r, P]
-        if ranks is not None:                                              # padded rank rows are never read
-            keep = torch.arange(a.shape[1], device=a.device)[None, :] < ranks[:, None]
-            z = torch.where(keep[..., None], z, 0.0)
         h = torch.matmul(b, z) * scale.to(z.dtype)[:, None, None]         # [B, d_out, P]
         return h.flatten(1)
 
