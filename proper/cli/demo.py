@@ -4,8 +4,10 @@
    speed vs the per-adapter loop people write by hand (proper/bench/op_check.py);
 2. personalise a handful of users end to end: the three PROPER stages (population -> group -> user) with the
    `tiny` training budget, every stage in mixed-user batches through the fused op (proper/training/);
-3. generate for all of them in one batch with the personalised model, next to the base model, and time
-   batched multi-user generation: base model vs proper vs peft's mixed-adapter batch (same prompts, same
+3. score each user's held-out rating with the personalised model and with the base model (the argmax over the
+   five rating tokens, as the trainer scores them), next to the true rating; then a short free-text generation
+   for a few users in one batch, where the users' differences can be read;
+4. time batched multi-user generation: base model vs proper vs peft's mixed-adapter batch (same prompts, same
    number of new tokens, ratios measured in this run).
 """
 from __future__ import annotations
@@ -22,8 +24,13 @@ from .. import data as D
 from ..bench.op_check import format_op_rows, run_op_demo
 from ..bench.serving import build_peft_mixed, build_proper_serving, demo_prompts, time_generate_interleaved
 from ..generation import generate_for_users
+from ..config import ProperConfig
 from ..io import from_pretrained
-from ..training import TrainConfig, load_model, run_train, summary_table
+from ..patch import apply_proper
+from ..training import TrainConfig, encode, load_model, run_train, summary_table
+from ..training.evaluation import score_next_token
+
+FREE_PROMPT = "In two sentences, which kind of film would you pick for tonight, and why?"
 
 
 def _banner(text: str) -> None:
@@ -58,13 +65,34 @@ def user_prompts(run: Path) -> List[Dict[str, object]]:
             for i, u in enumerate(names)]
 
 
-def personalised_outputs(run: Path, quick: bool, new_tokens: int = 3) -> List[Dict[str, object]]:
+def predicted_ratings(model, tok, items: List[Dict[str, object]], rows: List[int]) -> List[int]:
+    """The rating each item's prompt gets: argmax over the five rating tokens after the prompt (the trainer's
+    scoring), with the users ``rows`` (-1: no user)."""
+    exs = [D.Example(str(it["user"]), str(it["prompt"]), str(it["target"])) for it in items]
+    enc = encode(tok, exs, rows, max_len=256, add_eos=False)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    probs = score_next_token(model, enc, pad, batch_size=16, candidate_ids=D.rating_token_ids(tok))["probs"]
+    return [int(p.argmax()) + 1 for p in probs]
+
+
+def personalised_outputs(run: Path, quick: bool) -> List[Dict[str, object]]:
+    """Per trained user: the true rating, the personalised model's and the base model's predicted rating."""
     items = user_prompts(run)
     model, tok = _load(run, quick)
-    pairs = [(it["row"], it["prompt"]) for it in items]
-    ours = generate_for_users(model, tok, pairs, max_new_tokens=new_tokens)
-    base = generate_for_users(model, tok, [(-1, p) for _, p in pairs], max_new_tokens=new_tokens)
-    return [{**it, "proper": o.strip(), "base": b.strip()} for it, o, b in zip(items, ours, base)]
+    ours = predicted_ratings(model, tok, items, [int(it["row"]) for it in items])
+    base, _ = _load(None, quick)   # the untouched base model (adapters at zero: exactly the base)
+    apply_proper(base, ProperConfig(num_users=1, lora_router=False))
+    theirs = predicted_ratings(base, tok, items, [-1] * len(items))
+    return [{**it, "proper": o, "base": b} for it, o, b in zip(items, ours, theirs)]
+
+
+def free_text(run: Path, quick: bool, n_users: int = 3, new_tokens: int = 24) -> List[Dict[str, object]]:
+    """The same free-text prompt for the first ``n_users`` users and for no user (-1), in one batch."""
+    names = json.loads((run / "run_config.json").read_text())["users"][:n_users]
+    model, tok = _load(run, quick)
+    pairs = [(i, FREE_PROMPT) for i in range(len(names))] + [(-1, FREE_PROMPT)]
+    texts = generate_for_users(model, tok, pairs, max_new_tokens=new_tokens, chat=True)
+    return [{"user": names[u] if u >= 0 else "(no user)", "text": t.strip()} for (u, _), t in zip(pairs, texts)]
 
 
 def generation_speed(n_users: int, new_tokens: int, quick: bool, reps: int) -> Dict[str, float]:
@@ -90,12 +118,15 @@ def run_demo(quick: bool = False, skip_model: bool = False, users: int = 4, out:
     _banner(f"2. PROPER on {users} MovieLens-100K users: population -> group -> user (tiny budget)")
     personalise(users, run, quick)
 
-    _banner("3. one batched generate for every user: personalised model vs base model (rating prompts)")
+    _banner("3. each user's held-out rating: personalised model vs base model (argmax over the rating tokens)")
     rows = personalised_outputs(run, quick)
-    print("| user | movie | true rating | base model says | personalised says |\n|---|---|---|---|---|")
+    print("| user | movie | true rating | base model predicts | personalised predicts |\n|---|---|---:|---:|---:|")
     for r in rows:
         movie = next((ln[len("movie: "):] for ln in r["prompt"].split("\n") if ln.startswith("movie: ")), "")[:50]
-        print(f"| {r['user']} | {movie} | {r['target']} | {r['base']!r} | {r['proper']!r} |")
+        print(f"| {r['user']} | {movie} | {r['target']} | {r['base']} | {r['proper']} |")
+    print(f"\nfree text, one batch, the same prompt for every user: {FREE_PROMPT!r}")
+    for r in free_text(run, quick, new_tokens=8 if quick else 24):
+        print(f"  [{r['user']}] {r['text']!r}")
 
     n, new = (4, 4) if quick else (16, 32)
     _banner(f"4. speed: {n} prompts from {n} users, {new} new tokens, greedy (median of interleaved runs, here)")
