@@ -7,7 +7,7 @@
         logits = model(input_ids).logits                # also generate() and training steps
 
 Layers (imports go one way): proper_kernels -> this package's model layer (config, state, context, modules,
-patch, routing, generation, io, models) -> training/ and data/ -> cli/ and bench/. Importing ``proper`` imports
+patch, routing, generation, optim, io, models) -> training/ and data/ -> cli/ and bench/. Importing ``proper`` imports
 neither the trainer, the CLI nor the benchmarks.
 """
 from .config import FFN_TARGETS, LLAMA_ALL_TARGETS, ProperConfig
@@ -18,6 +18,7 @@ from .io import from_pretrained, import_peft_adapter, load_proper_weights, prope
 from .io.export import export_peft_adapter, export_users
 from .models import load_smollm2, load_smollm2_tokenizer
 from .modules import LoRAAwareRouter, ProperLinear, UserAwareRouter, top_k_gates
+from .optim import ProperAdamW, make_optimizer
 from .patch import apply_proper, init_experts_from_population, linear_modules, set_stage, trainable_parameters
 from .routing import lora_router_disabled, user_gates, user_routing
 from .state import STAGES, get_stage, get_state, proper_layers
@@ -31,4 +32,5 @@ __all__ = [
     "generate_for_users", "load_smollm2", "load_smollm2_tokenizer", "export_peft_adapter", "export_users",
     "ProperLinear", "UserAwareRouter", "LoRAAwareRouter", "top_k_gates",
     "proper_layers", "linear_modules", "trainable_parameters", "init_experts_from_population",
+    "make_optimizer", "ProperAdamW",
 ]

@@ -1,14 +1,16 @@
 """Per-model PROPER state: the stages, and the plain object that a patched model's layers share.
 
 The state hangs off the model as a plain attribute (not a submodule, so it never enters a state dict) and holds
-the config, the current stage and the adapted layers by name. Everything above the layers reaches it through
-:func:`get_state`.
+the config, the current stage, the adapted layers by name, and the users the forwards since the last optimizer
+step saw (the rows the row-sparse optimizer, proper/optim.py, may move). Everything above the layers reaches it
+through :func:`get_state`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .config import ProperConfig
 
@@ -22,6 +24,10 @@ STAGE_TRAINS = {"population": ("population",), "group": ("experts", "router"), "
 
 _STATE_ATTR = "_proper_state"
 
+#: Recorded batches kept before they are folded into one tensor of unique ids (a host sync, once per this many
+#: forwards with gradients and no optimizer step): bounds the record of a loop that never steps.
+TOUCHED_FOLD = 64
+
 
 class ProperState:
     """Per-model bookkeeping shared by that model's ProperLinear layers."""
@@ -31,6 +37,27 @@ class ProperState:
         self.stage = "user"
         self.experts_initialized = False   # the experts were copied from the population LoRA
         self.layers: Dict[str, "ProperLinear"] = {}
+        self.touched: List[Tensor] = []    # user ids of the forwards run with gradients since the last step
+
+    def record_touched(self, ids: Tensor) -> None:
+        """Note the users ``ids`` [B] of a forward that runs with gradients. Every layer of a forward calls this
+        with the same tensor (its UserBatch's), so a forward adds one entry; no host sync."""
+        t = self.touched
+        if t and t[-1] is ids:
+            return
+        t.append(ids)
+        if len(t) > TOUCHED_FOLD:
+            self.touched = [torch.cat(t).unique()]
+
+    def touched_rows(self) -> Tensor:
+        """Sorted unique user rows (ids >= 0) recorded since :meth:`clear_touched`: int64 [n] (one host sync)."""
+        if not self.touched:
+            return torch.zeros(0, dtype=torch.int64, device=self.device)
+        u = torch.cat(self.touched).unique()
+        return u[u >= 0]
+
+    def clear_touched(self) -> None:
+        self.touched = []
 
     @property
     def device(self):

@@ -216,6 +216,8 @@ class ProperLinear(nn.Module):
             expert_scale = cfg.population_scale
         else:
             batch = context.current_batch(st, self.name)
+            if torch.is_grad_enabled():
+                st.record_touched(batch.ids)   # the rows this step may move (proper/optim.py)
             nb = x.shape[0] if x.dim() >= 2 else 1
             gates, w_t = self._token_routing(batch, stage, nb, T // nb, x.device)
             if gates is not None:

@@ -93,6 +93,24 @@ def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
         off += n
 
 
+def union_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Sorted unique union over the ranks of each rank's int64 rows [n_rank] (the users each rank's slice of the
+    batch holds), so every rank's row-sparse optimizer step moves the same rows. Lengths differ per rank: one
+    all-gather of the lengths, then one of the rows padded with -1 to the longest."""
+    if world_size() == 1:
+        return rows
+    n = torch.tensor([rows.numel()], dtype=torch.int64, device=rows.device)
+    ns = [torch.empty_like(n) for _ in range(world_size())]
+    dist.all_gather(ns, n)
+    longest = int(max(int(x) for x in ns))
+    padded = torch.full((longest,), -1, dtype=torch.int64, device=rows.device)
+    padded[: rows.numel()] = rows
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    u = torch.cat(parts).unique()
+    return u[u >= 0]
+
+
 @torch.no_grad()
 def broadcast_parameters(params: Sequence[torch.Tensor]) -> None:
     """Copy rank 0's values into every rank's ``params`` (start all ranks from the same initialisation)."""

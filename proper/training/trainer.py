@@ -17,6 +17,7 @@ from . import distributed as DD
 from ..generation import generate_for_users
 from ..io import save_pretrained
 from ..modules import ProperLinear
+from ..optim import make_optimizer
 from ..patch import set_stage
 from ..routing import lora_router_disabled
 from ..state import get_state
@@ -132,15 +133,10 @@ class Trainer:
                 for p in layer.part_parameters(part)}
 
     def _optimizer(self, stage: str):
-        groups: Dict[str, List[torch.nn.Parameter]] = {"lora": [], "router": []}
-        routers = self._router_params()
-        for p in self.model.parameters():
-            if p.requires_grad:
-                groups["router" if id(p) in routers else "lora"].append(p)
-        lr = self.cfg.user_lr if (stage == "user" and self.cfg.user_lr) else self.cfg.lr
-        params = [{"params": groups["lora"], "lr": lr},
-                  {"params": groups["router"], "lr": self.cfg.router_lr}]
-        return torch.optim.AdamW([g for g in params if g["params"]], weight_decay=0.0)
+        """Lazy AdamW (proper.make_optimizer): a user's rows move only on steps whose batch holds that user."""
+        user_lr = self.cfg.user_lr if (stage == "user" and self.cfg.user_lr) else None
+        return make_optimizer(self.model, lr=self.cfg.lr, user_lr=user_lr, router_lr=self.cfg.router_lr,
+                              weight_decay=0.0)
 
     def _trainable_named(self) -> Dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -203,7 +199,7 @@ class Trainer:
                 if stage != "population":
                     parts["router_grad_norm"] = _grad_norm([p for p in named.values() if id(p) in routers])
                 parts["grad_norm"] = float(gn)
-                opt.step()
+                opt.step(touched=DD.union_rows(opt.touched_rows()))   # every rank moves the same users
                 hist["steps"].append({"step": step, **parts})
                 bar.update(1)
                 bar.set_postfix(loss=f"{parts['loss']:.4f}")
