@@ -127,21 +127,26 @@ class ProperAdamW(torch.optim.Optimizer):
             self._proper_state.clear_touched()
         return loss
 
+    def _state_of(self, p: Tensor, g: Dict[str, Any], step) -> Dict[str, Tensor]:
+        """p's optimizer state, created on its first step (``step()``: a zero count, or one per row)."""
+        if p.grad.is_sparse:
+            raise RuntimeError("ProperAdamW does not support sparse gradients")
+        st = self.state[p]
+        if not st:
+            st["step"] = step()
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if g["amsgrad"]:
+                st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return st
+
     def _dense_step(self, g: Dict[str, Any]) -> None:
         """torch.optim.AdamW's update (its functional form, so the math is torch's own)."""
         params, grads, m, v, vmax, steps = [], [], [], [], [], []
         for p in g["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("ProperAdamW does not support sparse gradients")
-            st = self.state[p]
-            if not st:
-                st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if g["amsgrad"]:
-                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st = self._state_of(p, g, lambda: torch.tensor(0.0, dtype=torch.float32))
             params.append(p)
             grads.append(p.grad)
             m.append(st["exp_avg"])
@@ -164,15 +169,7 @@ class ProperAdamW(torch.optim.Optimizer):
         for p in g["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("ProperAdamW does not support sparse gradients")
-            st = self.state[p]
-            if not st:
-                st["step"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)   # one count per row
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if g["amsgrad"]:
-                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st = self._state_of(p, g, lambda: torch.zeros(p.shape[0], dtype=torch.float32, device=p.device))
             if st["step"].device != p.device:   # load_state_dict leaves "step" where it was saved
                 st["step"] = st["step"].to(p.device)
             idx = rows[p.device]
