@@ -112,8 +112,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             logging_steps=max(1, args.steps // 10), report_to=[], save_strategy="no", use_cpu=True,
             seed=args.seed, dataloader_num_workers=0, prediction_loss_only=True, disable_tqdm=True,
             **(checkpointing_arguments() if args.checkpointing else {}))
+        # proper's lazy AdamW: a user's LoRA moves only on steps whose batch holds that user (HF's default AdamW
+        # would keep moving absent users through momentum)
+        opt = proper.make_optimizer(model, lr=args.lr, weight_decay=0.0)
         trainer = Trainer(model=model, args=targs, train_dataset=train_set, eval_dataset=dev_set,
-                          data_collator=collator)
+                          data_collator=collator, optimizers=(opt, None))
         before = trainer.evaluate()["eval_loss"]
         collator.seen.clear()                                   # keep only the training batches
         out = trainer.train()
