@@ -6,7 +6,7 @@ backend protocol of op.py). Triton is imported lazily: importing proper_kernels 
 Forward:  h = gated shrink of x over [A_1..A_K | A_u]  ->  y = expand of h over [B_1..B_K | B_u].
 Backward: h = A x and dh = B^T dy (ungated shrinks), then d(gates), d(user_weight) from h * dh; dx = expand
 of gated dh over A; dB = dy^T (gated h) and dA = (gated dh)^T x, per expert over all tokens and per user over
-that user's segment.
+that user's segment. Faults stay where they belong (reference.py's Semantics): see kernels.py.
 """
 from __future__ import annotations
 

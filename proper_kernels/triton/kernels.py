@@ -13,12 +13,24 @@ Gating lives in rank space: c[t, j] = s_e * g[t, k] for expert columns, w[t] * s
 Rank-space activations (h, dh) are fp32 scratch [T, KR + r_max] indexed by token; columns >= width of a
 token are never written nor read.
 
+Faults stay where they belong (reference.py's Semantics): a token uses rank column j when its gate for j's
+expert is nonzero, or j is a column of its own user within width. Unused terms are dropped with tl.where,
+never by multiplying with the zero gate (0 * inf = nan). The GEMMs whose rank-space operand is zero outside
+each token's used columns (expand: out = h W; expert weight gradients: sum over tokens) would still spread a
+non-finite value of the other operand to every row through 0 * nan inside the dot; so each program checks
+its accumulator once at the end and, only if it holds a non-finite value, redoes its loop isolated: the
+non-finite entries of the other operand are zeroed and NaN is put into the rank-space entries that really
+read one. The normal path pays one finiteness test of the accumulator per program.
+
 Segment kernels (shrink, expand) run one program per (block of a user's tokens, tile): the block table
 (layout.block_table) gives each program one user, a range of positions in the by-user token order, or -1
 (idle: the grid is sized from shapes alone, so trailing programs exit at once).
 """
 import triton
 import triton.language as tl
+
+# (no NaN global: triton checks that inner kernels saw equal globals, and nan != nan)
+_INF = tl.constexpr(float("inf"))
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -31,6 +43,30 @@ def _dot(a, b, acc, F32: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _finite(v):
+    """True where v is finite: |v| < inf is an ordered compare, so false for inf and nan."""
+    return tl.abs(v) < _INF
+
+
+@triton.jit
+def _mark(v, bad):
+    """v with NaN where `bad` (a token really reads a non-finite value there)."""
+    return tl.where(bad, _INF - _INF, v)
+
+
+@triton.jit
+def _any_nonfinite(v):
+    """Whether a tile holds a non-finite value (the gate of the isolated redo).  # scalar"""
+    return tl.max(tl.where(_finite(v), 0, 1)) > 0
+
+
+@triton.jit
+def _nonfinite_rows(v):
+    """Rows of a 2-D tile holding a non-finite value.  # [rows] bool"""
+    return tl.max(tl.where(_finite(v), 0, 1), 1) > 0
 
 
 @triton.jit
@@ -74,11 +110,24 @@ def _user_coef(tok, tmask, has_user, uc, uscale_ptr, uweight_ptr, s_w_t,
 
 
 @triton.jit
-def _coef_tile(tok, tmask, is_e, is_u, k, ws, gates_ptr, s_g_t, s_g_k, s_e):
+def _gate_tile(tok, tmask, is_e, k, gates_ptr, s_g_t, s_g_k):
+    """g[t, k] on expert columns, 0 elsewhere.  # [BT, BR] fp32"""
+    return tl.load(gates_ptr + tok[:, None] * s_g_t + k[None, :] * s_g_k,
+                   mask=tmask[:, None] & is_e[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _uses(g, is_u):
+    """Rank columns each token uses: its experts with a nonzero gate (a zero gate is a structural zero), its
+    user's columns within width. g is _gate_tile's (0 off expert columns and on masked tokens, whose rows are
+    never stored).  # [BT, BR] bool"""
+    return (g != 0) | is_u[None, :]
+
+
+@triton.jit
+def _coef(g, ws, is_e, is_u, s_e):
     """Rank-space gate c[t, j]: s_e * g[t, k] on expert columns, ws[t] = w[t] s_u[u] on user columns, 0 past
-    width. A zero gate gives 0 here: the structural zero needs no special case in the forward.  # [BT, BR]"""
-    g = tl.load(gates_ptr + tok[:, None] * s_g_t + k[None, :] * s_g_k,
-                mask=tmask[:, None] & is_e[None, :], other=0.0).to(tl.float32)
+    width. Its zeros never drop a term by multiplying (0 * inf = nan): tl.where does (_uses).  # [BT, BR]"""
     return tl.where(is_e[None, :], g * s_e, tl.where(is_u[None, :], ws[:, None], 0.0))
 
 
@@ -100,7 +149,9 @@ def shrink_kernel(
 
     Semantics: for t in the block (user u), j in the tile, j < width = K*r_e + r_u:
         out[t, j] = c[t, j] * sum_d src[t, d] * W[j, d],   W = [A_1; ..; A_K; A_u[:r_u]]
-    with c the rank-space gate when GATE (s_e g[t,k] / w[t] s_u[u]) and 1 otherwise. fp32 accumulation.
+    with c the rank-space gate when GATE (s_e g[t,k] / w[t] s_u[u], and exactly 0 in the columns of experts
+    whose gate is 0, whatever the sum) and 1 otherwise. fp32 accumulation. Column j of the dot reads only W's
+    row j and row t only src[t]: no fault crosses columns or tokens here.
     Grid: (blocks, cdiv(KR + r_max, BLOCK_R)); a tile at or past width exits before loading anything.
     """
     pid_b = tl.program_id(0)
@@ -133,12 +184,46 @@ def shrink_kernel(
         acc = _dot(xs, w, acc, F32)
     if GATE:
         ws = _user_coef(tok, tmask, has_user, uc, uscale_ptr, uweight_ptr, s_w_t, HAS_SCALE, HAS_WEIGHT)
-        acc = acc * _coef_tile(tok, tmask, is_e, is_u, k, ws, gates_ptr, s_g_t, s_g_k, s_e)
+        g = _gate_tile(tok, tmask, is_e, k, gates_ptr, s_g_t, s_g_k)
+        acc = tl.where(_uses(g, is_u), acc * _coef(g, ws, is_e, is_u, s_e), 0.0)
     tl.store(out_ptr + tok[:, None] * s_out_t + j[None, :], acc,
              mask=tmask[:, None] & (j < width)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------- expand
+@triton.jit
+def _expand_acc(h_ptr, eb_ptr, ub_ptr, gates_ptr, tok, tmask, uc, n, nmask, width, ws, KR, RE, s_e,
+                s_h_t, s_eb_k, s_eb_r, s_eb_n, s_ub_u, s_ub_r, s_ub_n, s_g_t, s_g_k,
+                GATE: tl.constexpr, ISOLATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The rank loop of expand_kernel.  # [BT, BN] fp32
+
+    ISOLATE: the non-finite entries W[j, n] of a tile are zeroed and h[t, j] of the tokens that use column j
+    is set to NaN, so a fault reaches only the rows of its users (their whole output tile turns NaN)."""
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, width, BLOCK_R):
+        j = j0 + tl.arange(0, BLOCK_R)
+        is_e, is_u, k, r, ru = _rank_columns(j, KR, RE, width)
+        h = tl.load(h_ptr + tok[:, None] * s_h_t + j[None, :], mask=tmask[:, None] & (j < width)[None, :],
+                    other=0.0)                                                           # [BT, BR] fp32
+        if GATE | ISOLATE:
+            g = _gate_tile(tok, tmask, is_e, k, gates_ptr, s_g_t, s_g_k)
+        if GATE:  # d(x) only: where c = 0 its term is exactly 0 (or non-finite in this token's own row)
+            c = _coef(g, ws, is_e, is_u, s_e)
+            h = tl.where(c != 0, h * c, 0.0)
+        e_row = k.to(tl.int64) * s_eb_k + r * s_eb_r
+        u_row = uc * s_ub_u + ru * s_ub_r
+        w = tl.load(eb_ptr + e_row[:, None] + n[None, :] * s_eb_n, mask=is_e[:, None] & nmask[None, :],
+                    other=0.0).to(tl.float32)
+        w += tl.load(ub_ptr + u_row[:, None] + n[None, :] * s_ub_n, mask=is_u[:, None] & nmask[None, :],
+                     other=0.0).to(tl.float32)                                           # [BR, BN]
+        if ISOLATE:
+            h = _mark(h, _uses(g, is_u) & _nonfinite_rows(w)[None, :])
+            w = tl.where(_finite(w), w, 0.0)
+        acc = _dot(h, w, acc, False)
+    return acc
+
+
 @triton.jit
 def expand_kernel(
     h_ptr,          # [T, KR + r_max] fp32 rank-space activations, by token
@@ -155,10 +240,12 @@ def expand_kernel(
     """One expand through [B_1..B_K | B_u] for one block of one user's tokens and one output tile.
 
     Semantics: for t in the block (user u), n in the tile:
-        out[t, n] = sum_{j < K*r_e + r_u} c[t, j] * h[t, j] * W[j, n],   W = [B_1 .. B_K | B_u[:, :r_u]]^T
-    with c the rank-space gate when GATE, else 1; the rank loop stops at the user's width. fp32 throughout
-    (h stays fp32, W is upcast); the result is stored in out's dtype. Every active block writes its rows, so
-    out needs no zero fill. Grid: (blocks, cdiv(N, BLOCK_N)).
+        out[t, n] = sum_{j < K*r_e + r_u, c[t, j] != 0} c[t, j] * h[t, j] * W[j, n]
+    with W = [B_1 .. B_K | B_u[:, :r_u]]^T and c the rank-space gate when GATE, else 1 (h is gated already:
+    zero in the columns a token does not use); the rank loop stops at the user's width. fp32 throughout (h
+    stays fp32, W is upcast); the result is stored in out's dtype. Every active block writes its rows, so out
+    needs no zero fill. A non-finite accumulator (rare: a fault in h or W) redoes the loop isolated
+    (_expand_acc). Grid: (blocks, cdiv(N, BLOCK_N)).
     """
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -174,27 +261,56 @@ def expand_kernel(
     nmask = n < N
     if GATE:
         ws = _user_coef(tok, tmask, has_user, uc, uscale_ptr, uweight_ptr, s_w_t, HAS_SCALE, HAS_WEIGHT)
-
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for j0 in range(0, width, BLOCK_R):
-        j = j0 + tl.arange(0, BLOCK_R)
-        is_e, is_u, k, r, ru = _rank_columns(j, KR, RE, width)
-        h = tl.load(h_ptr + tok[:, None] * s_h_t + j[None, :], mask=tmask[:, None] & (j < width)[None, :],
-                    other=0.0)                                                           # [BT, BR] fp32
-        if GATE:
-            h = h * _coef_tile(tok, tmask, is_e, is_u, k, ws, gates_ptr, s_g_t, s_g_k, s_e)
-        e_row = k.to(tl.int64) * s_eb_k + r * s_eb_r
-        u_row = uc * s_ub_u + ru * s_ub_r
-        w = tl.load(eb_ptr + e_row[:, None] + n[None, :] * s_eb_n, mask=is_e[:, None] & nmask[None, :],
-                    other=0.0).to(tl.float32)
-        w += tl.load(ub_ptr + u_row[:, None] + n[None, :] * s_ub_n, mask=is_u[:, None] & nmask[None, :],
-                     other=0.0).to(tl.float32)                                           # [BR, BN]
-        acc = _dot(h, w, acc, False)
+    else:
+        ws = tl.zeros((BLOCK_T,), dtype=tl.float32)                                      # unused
+    acc = _expand_acc(h_ptr, eb_ptr, ub_ptr, gates_ptr, tok, tmask, uc, n, nmask, width, ws, KR, RE, s_e,
+                      s_h_t, s_eb_k, s_eb_r, s_eb_n, s_ub_u, s_ub_r, s_ub_n, s_g_t, s_g_k,
+                      GATE, False, BLOCK_T, BLOCK_R, BLOCK_N)
+    if _any_nonfinite(acc):
+        acc = _expand_acc(h_ptr, eb_ptr, ub_ptr, gates_ptr, tok, tmask, uc, n, nmask, width, ws, KR, RE, s_e,
+                          s_h_t, s_eb_k, s_eb_r, s_eb_n, s_ub_u, s_ub_r, s_ub_n, s_g_t, s_g_k,
+                          GATE, True, BLOCK_T, BLOCK_R, BLOCK_N)
     tl.store(out_ptr + tok[:, None] * s_out_t + n[None, :] * s_out_n, acc.to(out_ptr.dtype.element_ty),
              mask=tmask[:, None] & nmask[None, :])
 
 
 # ------------------------------------------------------------------------------------- weight gradients
+@triton.jit
+def _wgrad_acc(g_ptr, m_ptr, order_ptr, gates_ptr, uweight_ptr, start, n_tok, col, k, rmask, c, cmask,
+               s_g_t, s_m_t, s_m_c, s_gt_t, s_gt_k, s_w_t,
+               USER: tl.constexpr, HAS_WEIGHT: tl.constexpr, ISOLATE: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The token loop of wgrad_kernel.  # [BR, BC] fp32
+
+    ISOLATE (experts only): the non-finite entries of M are zeroed and G[t, j] of the columns token t uses is
+    set to NaN where M[t] holds one (in this tile), so a token's fault reaches only its own experts' rows."""
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for t0 in range(0, n_tok, BLOCK_T):
+        i = t0 + tl.arange(0, BLOCK_T)
+        tmask = i < n_tok
+        if USER:
+            tok = tl.load(order_ptr + start + i, mask=tmask, other=0)                    # [BT] int64
+        else:
+            tok = (start + i).to(tl.int64)
+        gm = tmask[:, None] & rmask[None, :]
+        g = tl.load(g_ptr + tok[:, None] * s_g_t + col[None, :], mask=gm, other=0.0)     # [BT, BR] fp32
+        if USER:
+            if HAS_WEIGHT:
+                g = g * tl.load(uweight_ptr + tok * s_w_t, mask=tmask, other=0.0).to(tl.float32)[:, None]
+        else:
+            gate = tl.load(gates_ptr + tok[:, None] * s_gt_t + k[None, :] * s_gt_k, mask=gm,
+                           other=0.0).to(tl.float32)
+            used = gate != 0                                                             # masked: gate 0
+            g = tl.where(used, g * gate, 0.0)
+        m = tl.load(m_ptr + tok[:, None] * s_m_t + c[None, :] * s_m_c, mask=tmask[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)                                            # [BT, BC]
+        if ISOLATE:
+            g = _mark(g, used & _nonfinite_rows(m)[:, None])
+            m = tl.where(_finite(m), m, 0.0)
+        acc = _dot(tl.trans(g), m, acc, False)
+    return acc
+
+
 @triton.jit
 def wgrad_kernel(
     g_ptr,          # [T, KR + r_max] fp32 rank-space activations (h or dh), ungated, by token
@@ -211,9 +327,10 @@ def wgrad_kernel(
     """Weight gradient of the experts (USER=False) or of each user with tokens (USER=True).
 
     Semantics (G = h for dB, dh for dA; M = dy for dB, x for dA):
-        experts: out[k, r, c] = s_e * sum_{all t} g[t, k] * G[t, k*r_e + r] * M[t, c]
+        experts: out[k, r, c] = s_e * sum_{t with g[t, k] != 0} g[t, k] * G[t, k*r_e + r] * M[t, c]
         users:   out[u, r, c] = s_u[u] * sum_{t of user u} w[t] * G[t, K*r_e + r] * M[t, c],   r < r_u
-    A plain reduction over the tokens inside one program: deterministic, no atomics. Grid: experts
+    A plain reduction over the tokens inside one program: deterministic, no atomics; for experts a
+    non-finite accumulator redoes it isolated (_wgrad_acc). Grid: experts
     (cdiv(KR, BLOCK_R), cdiv(C, BLOCK_C), S): split s sums tokens [s*chunk, (s+1)*chunk) into its own partial
     (the launcher adds the S partials), so long batches still fill the GPU; users (active users,
     cdiv(r_max, BLOCK_R), cdiv(C, BLOCK_C)) where padding rows of `active`, empty users and rank tiles past r_u
@@ -235,6 +352,7 @@ def wgrad_kernel(
         r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = r < r_u
         col = KR + r                                                                     # [BR]
+        k = r                                                                            # unused: no gates
     else:
         pid_r = tl.program_id(0)
         pid_c = tl.program_id(1)
@@ -250,25 +368,14 @@ def wgrad_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
 
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for t0 in range(0, n_tok, BLOCK_T):
-        i = t0 + tl.arange(0, BLOCK_T)
-        tmask = i < n_tok
-        if USER:
-            tok = tl.load(order_ptr + start + i, mask=tmask, other=0)                    # [BT] int64
-        else:
-            tok = (start + i).to(tl.int64)
-        gm = tmask[:, None] & rmask[None, :]
-        g = tl.load(g_ptr + tok[:, None] * s_g_t + col[None, :], mask=gm, other=0.0)     # [BT, BR] fp32
-        if USER:
-            if HAS_WEIGHT:
-                g = g * tl.load(uweight_ptr + tok * s_w_t, mask=tmask, other=0.0).to(tl.float32)[:, None]
-        else:
-            g = g * tl.load(gates_ptr + tok[:, None] * s_gt_t + k[None, :] * s_gt_k, mask=gm,
-                            other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + tok[:, None] * s_m_t + c[None, :] * s_m_c, mask=tmask[:, None] & cmask[None, :],
-                    other=0.0).to(tl.float32)                                            # [BT, BC]
-        acc = _dot(tl.trans(g), m, acc, False)
+    acc = _wgrad_acc(g_ptr, m_ptr, order_ptr, gates_ptr, uweight_ptr, start, n_tok, col, k, rmask, c, cmask,
+                     s_g_t, s_m_t, s_m_c, s_gt_t, s_gt_k, s_w_t, USER, HAS_WEIGHT, False,
+                     BLOCK_T, BLOCK_R, BLOCK_C)
+    if not USER:  # a user's gradient reads only that user's tokens: all of them may carry its faults
+        if _any_nonfinite(acc):
+            acc = _wgrad_acc(g_ptr, m_ptr, order_ptr, gates_ptr, uweight_ptr, start, n_tok, col, k, rmask, c,
+                             cmask, s_g_t, s_m_t, s_m_c, s_gt_t, s_gt_k, s_w_t, USER, HAS_WEIGHT, True,
+                             BLOCK_T, BLOCK_R, BLOCK_C)
     if USER:
         if HAS_SCALE:
             acc = acc * tl.load(uscale_ptr + uc).to(tl.float32)

@@ -77,19 +77,10 @@ def test_issue_example_fp16_auto():
 
 
 # Triton runs under its interpreter in a subprocess (TRITON_INTERPRET=1 must be set before triton is imported).
-# Its kernels still multiply unselected experts' terms by the zero gate (0 * nan = nan), forward and backward:
-# issue 16 is open there (proper_kernels/triton is outside this change). strict: a fix turns these into
-# failures that ask for the marks to go.
-_TRITON_LEAK = pytest.mark.xfail(strict=True, reason="triton drops unselected experts by multiplying with the "
-                                                     "zero gate (issue 16, triton kernels)")
-
-
 @pytest.mark.skipif(not TRITON_HERE, reason="runs in the TRITON_INTERPRET=1 subprocess below")
 @pytest.mark.parametrize("site, index", [
-    ("user_a", (1, 0, 5)), ("user_b", (1, 9, 0)),
-    pytest.param("x", None, marks=_TRITON_LEAK), pytest.param("grad_out", None, marks=_TRITON_LEAK),
-    pytest.param("expert_a", (3, 0, 0), marks=_TRITON_LEAK),
-    pytest.param("expert_b", (3, 5, 1), marks=_TRITON_LEAK)])
+    ("user_a", (1, 0, 5)), ("user_b", (1, 9, 0)), ("x", None), ("grad_out", None),
+    ("expert_a", (3, 0, 0)), ("expert_b", (3, 5, 1))])
 def test_triton_fault_isolation(site, index):
     case = small_case()
     index = index or (token_of(case, 2), 3)
@@ -106,7 +97,7 @@ def test_triton_fault_isolation_subprocess():
                          text=True, timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-8000:]
-    assert "2 passed" in out and "4 xfailed" in out, out[-3000:]
+    assert "6 passed" in out, out[-3000:]
 
 
 # ------------------------------------------------------------------------------------------ edge cases
