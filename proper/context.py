@@ -124,10 +124,6 @@ class UserBatch:
             tb = self._tokens[key] = TokenBatch(ids, lay)
         return tb
 
-    def token_ids(self, nb: int, per: int, device) -> Tensor:
-        """Per-token ids [nb * per]."""
-        return self.tokens(nb, per, device).ids
-
 
 def _as_ids(user_ids, num_users: int, device) -> Tuple[Tensor, int, int]:
     """user_ids as a validated [B] int64 tensor on ``device``, with its min and max (one host sync)."""

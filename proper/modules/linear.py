@@ -131,12 +131,6 @@ class ProperLinear(nn.Module):
         """Every PROPER tensor of this layer by local key, part by part (the base weight and bias excluded)."""
         return {k: t for part in self.PARTS for k, t in self.part_tensors(part).items()}
 
-    @classmethod
-    def part_of(cls, key: str) -> Optional[str]:
-        """The part a local state-dict key belongs to (``"router.proj.weight"`` -> ``"router"``), or None."""
-        head = key.split(".", 1)[0]
-        return next((part for part, attrs in cls.PARTS.items() if head in attrs), None)
-
     # ------------------------------------------------------------------------------------------ helpers
     @property
     def cfg(self) -> ProperConfig:

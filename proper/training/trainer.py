@@ -16,7 +16,6 @@ from . import distributed as DD
 
 from ..generation import generate_for_users
 from ..io import save_pretrained
-from ..modules import ProperLinear
 from ..optim import make_optimizer
 from ..patch import set_stage
 from ..routing import lora_router_disabled
@@ -127,11 +126,6 @@ class Trainer:
             write_json(self.progress_path, self.state)
 
     # ------------------------------------------------------------------------------ a stage
-    def _router_params(self) -> set:
-        """ids of the routers' parameters (ProperLinear.ROUTER_PARTS): they train at router_lr."""
-        return {id(p) for layer in get_state(self.model).layers.values() for part in ProperLinear.ROUTER_PARTS
-                for p in layer.part_parameters(part)}
-
     def _optimizer(self, stage: str):
         """Lazy AdamW (proper.make_optimizer): a user's rows move only on steps whose batch holds that user."""
         user_lr = self.cfg.user_lr if (stage == "user" and self.cfg.user_lr) else None
@@ -160,7 +154,7 @@ class Trainer:
         steps = cfg.steps(stage)
         opt = self._optimizer(stage)
         named = self._trainable_named()
-        routers = self._router_params()
+        routers = {id(p) for g in opt.param_groups if g["name"] in ("routers", "router_rows") for p in g["params"]}
         hist = self.state["history"].setdefault(stage, {"steps": [], "evals": []})
         info = self.state["stages"].setdefault(stage, {})
         t_start = time.time()
