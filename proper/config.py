@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
@@ -12,7 +13,8 @@ from proper_kernels import BACKENDS as _KERNEL_BACKENDS
 # The paper puts its LoRAs on the FFN projections; attention projections are opt-in.
 FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")
 LLAMA_ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BACKENDS = ("auto", *_KERNEL_BACKENDS)   # the op's own registry: a new kernel backend is accepted here too
+BACKENDS = ("auto", *_KERNEL_BACKENDS)
+STORE_DTYPES = ("float32", "bfloat16")   # the op's own registry: a new kernel backend is accepted here too
 
 
 @dataclass
@@ -39,6 +41,19 @@ class ProperConfig:
                      population LoRA keeps running under the users in the user stage (K = 1, gate 1).
     init_a           "kaiming" (peft's default for lora_A) or "gaussian" (std 1/r); B always starts at zero.
     router_init_std  std of the user embeddings' initialisation (distinct users start with distinct gates).
+    user_init_seed   seed of every user's initial adapter: user u's A rows and router embedding come from a
+                     generator seeded by (user_init_seed, layer, tensor, u), so a user created lazily (paged in
+                     on first use) gets the same weights as one created eagerly.
+    resident_users   S: user slots held in the model at once (the paged user store, proper/store/). None = all
+                     num_users rows resident (dense tables, no paging). With S, every per-user tensor (A, B,
+                     rank, scale, router embedding row, optimizer moment rows) lives in the store and
+                     ``proper.users`` pages the batch's users into the S slots, least recently used out first.
+    user_store       where the store keeps what is not resident: None = CPU memory; a folder path = memory-
+                     mapped segment files there (only with resident_users).
+    store_dtype      "float32" or "bfloat16": the dtype of the stored weights and moments (bf16 halves the
+                     store; every eviction then rounds the user's rows to bf16).
+    resident_users, user_store and store_dtype are runtime switches (RUNTIME_FIELDS): a checkpoint does not
+    depend on them, and loads with any of them.
     """
 
     num_users: int = 1
@@ -59,6 +74,10 @@ class ProperConfig:
     use_rslora: bool = False
     init_a: str = "kaiming"
     router_init_std: float = 1.0
+    user_init_seed: int = 0
+    resident_users: Optional[int] = None
+    user_store: Optional[str] = None
+    store_dtype: str = "float32"
     extra: Dict[str, Any] = field(default_factory=dict)   # free-form notes kept through save/load
 
     def __post_init__(self):
@@ -86,6 +105,24 @@ class ProperConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
                 raise ValueError(f"ProperConfig: '{name}' must be {what}, got {v!r}")
+        if isinstance(self.user_init_seed, bool) or not isinstance(self.user_init_seed, int) \
+                or not 0 <= self.user_init_seed < 2 ** 63:
+            raise ValueError(f"ProperConfig: 'user_init_seed' must be an int in [0, 2**63), got {self.user_init_seed!r}")
+        S = self.resident_users
+        if S is not None and (isinstance(S, bool) or not isinstance(S, int) or not 1 <= S <= self.num_users):
+            raise ValueError(f"ProperConfig: 'resident_users' must be None (all users resident) or an int in "
+                             f"[1, num_users={self.num_users}], got {S!r}")
+        if isinstance(self.user_store, os.PathLike):
+            self.user_store = os.fspath(self.user_store)
+        if self.user_store is not None:
+            if not isinstance(self.user_store, str) or not self.user_store:
+                raise ValueError(f"ProperConfig: 'user_store' must be None (CPU memory) or a folder path (str), got "
+                                 f"{self.user_store!r}")
+            if S is None:
+                raise ValueError("ProperConfig: 'user_store' needs 'resident_users' (a store only holds users that "
+                                 "are not resident; with resident_users=None every user is in the model)")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ValueError(f"ProperConfig: 'store_dtype' must be one of {STORE_DTYPES}, got {self.store_dtype!r}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"ProperConfig: 'extra' must be a dict, got {type(self.extra).__name__}")
         if self.backend not in BACKENDS:
@@ -109,6 +146,16 @@ class ProperConfig:
         if self.population_rank is not None:
             return self.population_rank
         return self.expert_rank if self.num_experts > 0 else 0
+
+    @property
+    def paged(self) -> bool:
+        """Users live in a store and are paged into resident_users slots."""
+        return self.resident_users is not None
+
+    @property
+    def table_rows(self) -> int:
+        """Rows of each per-user table in the model: the slots when paged, else every user."""
+        return self.num_users if self.resident_users is None else self.resident_users
 
     @property
     def effective_top_k(self) -> int:
@@ -139,7 +186,7 @@ class ProperConfig:
         return d
 
     #: Fields that steer how the model runs, not what it is: never saved, ignored when comparing models.
-    RUNTIME_FIELDS = ("backend",)
+    RUNTIME_FIELDS = ("backend", "resident_users", "user_store", "store_dtype")
 
     def saved_dict(self) -> Dict[str, Any]:
         """to_dict() without the runtime switches (what a checkpoint stores)."""

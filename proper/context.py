@@ -80,10 +80,14 @@ class TokenBatch:
 
 
 class UserBatch:
-    """Validated user ids of one context, plus the caches that live as long as the context."""
+    """Validated user ids of one context, plus the caches that live as long as the context.
 
-    def __init__(self, ids: Tensor, lo: int, hi: int, num_users: int):
-        self.ids = ids                                   # [B] int64, in [-1, U); lo / hi: its min / max
+    ``ids`` are *table rows*: the user ids themselves, or their slots in a paged model (``user_ids`` keeps the
+    ids as given)."""
+
+    def __init__(self, ids: Tensor, lo: int, hi: int, num_users: int, user_ids: Optional[Tensor] = None):
+        self.ids = ids                                   # [B] int64 table rows, in [-1, U); lo / hi: min / max
+        self.user_ids = ids if user_ids is None else user_ids
         self.num_users = num_users                       # rows of the user table (the layout's U)
         self.has_unknown = lo < 0                        # some sequence has no user (cold start)
         self.has_known = hi >= 0                         # some sequence has a user adapter
@@ -150,10 +154,29 @@ def _as_ids(user_ids, num_users: int, device) -> Tuple[Tensor, int, int]:
     return t, lo, hi
 
 
-def make_batch(state: ProperState, user_ids) -> UserBatch:
-    """A validated UserBatch of ``user_ids`` for the model whose ProperState is ``state``."""
+def check_user_ids(state: ProperState, user_ids) -> Tensor:
+    """``user_ids`` as a validated [B] int64 tensor on the model's device (user ids, not table rows)."""
+    return _as_ids(user_ids, state.cfg.num_users, state.device)[0]
+
+
+def make_batch(state: ProperState, user_ids, *, pin: bool = False) -> UserBatch:
+    """A validated UserBatch of ``user_ids`` for the model whose ProperState is ``state``. A paged model pages
+    the users in and the batch holds their slots (``pin``: pinned until :func:`release_batch`)."""
     U = state.cfg.num_users
-    return UserBatch(*_as_ids(user_ids, U, state.device), U)
+    ids, lo, hi = _as_ids(user_ids, U, state.device)
+    if state.slots is None:
+        return UserBatch(ids, lo, hi, U)
+    rows = state.slots.rows(ids.tolist(), pin=pin)
+    with torch.inference_mode(False):
+        t = torch.tensor(rows, dtype=torch.int64, device=ids.device)
+    known = [r for r in rows if r >= 0]
+    return UserBatch(t, -1 if lo < 0 else min(known), max(known) if known else -1, state.cfg.table_rows, ids)
+
+
+def release_batch(state: ProperState, batch: UserBatch) -> None:
+    """Unpin the slots of a batch made with ``make_batch(..., pin=True)``."""
+    if state.slots is not None:
+        state.slots.unpin(batch.ids.tolist())
 
 
 @contextlib.contextmanager
@@ -161,9 +184,13 @@ def users(model, user_ids: Union[Tensor, Sequence[int]]) -> Iterator[UserBatch]:
     """Set the user of every sequence for each forward inside the block (model(...), generate, training steps).
 
     user_ids: [B] ints, one per sequence of the batch, -1 = no user (no user adapter; population-average gates).
+    A paged model (``ProperConfig(resident_users=S)``) pages the batch's users into its slots here and pins them
+    for the block; a block entered with gradients on also holds them until the optimizer's next step.
     """
     state = get_state(model)
-    batch = make_batch(state, user_ids)
+    batch = make_batch(state, user_ids, pin=True)
+    if state.slots is not None and torch.is_grad_enabled():   # a training step: keep the slots until it steps
+        state.slots.hold(batch.ids.tolist())
     active = dict(_ACTIVE.get() or {})
     active[id(state)] = batch
     token = _ACTIVE.set(active)
@@ -171,6 +198,7 @@ def users(model, user_ids: Union[Tensor, Sequence[int]]) -> Iterator[UserBatch]:
         yield batch
     finally:
         _ACTIVE.reset(token)
+        release_batch(state, batch)
 
 
 @contextlib.contextmanager

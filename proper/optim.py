@@ -23,6 +23,12 @@ own data moves that user. A touched row counts as touched even when its gradient
 and its moments decay): being in the batch is what counts, so the row set never depends on gradient values or
 their underflow, and needs no scan of the gradients.
 
+Paged models (``ProperConfig(resident_users=S)``): the row-sparse tensors are the S user slots; the optimizer's
+moment rows and step counts are paged with the users (proper/store/slots.py), so a user's moments follow it
+through evictions, and a step releases the slots that forwards with gradients held for it. ``state_dict()``
+then leaves the row-sparse tensors' state out (it lives in the user store, which ``save_pretrained`` writes)
+and records the optimizer's epoch instead.
+
 Under data parallelism each rank sees its own users: pass the union over the ranks as ``step(touched=...)``
 (the trainer does, with ``proper.training.distributed.union_rows``), or the ranks diverge. The optimizer itself
 never calls torch.distributed (the model layer knows no process groups).
@@ -70,6 +76,19 @@ class ProperAdamW(torch.optim.Optimizer):
                 raise ValueError("ProperAdamW: a row_sparse group holds a 0-d tensor; its tensors must have a user "
                                  "dimension (dim 0)")
         self._proper_state: Optional[ProperState] = None if model is None else get_state(model)
+        slots = self._slots()
+        if slots is not None:
+            slots.attach_optimizer(self)
+
+    def _slots(self):
+        return None if self._proper_state is None else self._proper_state.slots
+
+    def create_row_state(self) -> None:
+        """Create the state of every row-sparse tensor now (zeros), rather than at its first step."""
+        for g in self.param_groups:
+            if g["row_sparse"]:
+                for p in g["params"]:
+                    self._new_state(p, g, lambda: torch.zeros(p.shape[0], dtype=torch.float32, device=p.device))
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -115,14 +134,20 @@ class ProperAdamW(torch.optim.Optimizer):
                 loss = closure()
         sparse = [p for g in self.param_groups if g["row_sparse"] for p in g["params"] if p.grad is not None]
         rows: Dict[torch.device, Tensor] = {}
+        stepped: List[int] = []
         if sparse:
             r = self._rows(touched, min(p.shape[0] for p in sparse))
             rows = {p.device: r.to(p.device) for p in sparse}
+            stepped = r.tolist()
         for g in self.param_groups:
             if g["row_sparse"]:
                 self._sparse_step(g, rows)
             else:
                 self._dense_step(g)
+        slots = self._slots()
+        if slots is not None:   # the stepped slots changed; every slot held for this step is free again
+            slots.mark_dirty(stepped)
+            slots.release_held()
         if self._proper_state is not None:
             self._proper_state.clear_touched()
         return loss
@@ -131,6 +156,9 @@ class ProperAdamW(torch.optim.Optimizer):
         """p's optimizer state, created on its first step (``step()``: a zero count, or one per row)."""
         if p.grad.is_sparse:
             raise RuntimeError("ProperAdamW does not support sparse gradients")
+        return self._new_state(p, g, step)
+
+    def _new_state(self, p: Tensor, g: Dict[str, Any], step) -> Dict[str, Tensor]:
         st = self.state[p]
         if not st:
             st["step"] = step()
@@ -201,15 +229,42 @@ class ProperAdamW(torch.optim.Optimizer):
             st["step"].index_copy_(0, idx, t)
 
     # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """As torch's; for a paged model without the row-sparse tensors' state (in the user store) and with the
+        epoch that tags this optimizer's moments there."""
+        sd = super().state_dict()
+        slots = self._slots()
+        if slots is not None:
+            idx, sparse = 0, set()
+            for g in self.param_groups:
+                for _ in g["params"]:
+                    if g["row_sparse"]:
+                        sparse.add(idx)
+                    idx += 1
+            sd["state"] = {k: v for k, v in sd["state"].items() if k not in sparse}
+            sd["proper_epoch"] = slots.epoch
+        return sd
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """As torch's, and the file must have this optimizer's group layout (which groups are row-sparse) and a
         step count per row for every row-sparse tensor."""
+        slots, epoch = self._slots(), state_dict.get("proper_epoch")
+        if (slots is None) != (epoch is None):
+            raise ValueError(f"ProperAdamW.load_state_dict: the state dict was saved from a "
+                             f"{'paged' if epoch is not None else 'dense'} model and this one is "
+                             f"{'paged' if slots is not None else 'dense'} (resident_users); the per-user moments "
+                             f"cannot move between dense tables and slots")
+        if slots is not None:   # the row-sparse moments come from the user store, by epoch
+            state_dict = {k: v for k, v in state_dict.items() if k != "proper_epoch"}
         layout = [(g["row_sparse"], g["name"]) for g in self.param_groups]
         saved = [(bool(g.get("row_sparse", False)), g.get("name", "")) for g in state_dict.get("param_groups", [])]
         if saved != layout:
             raise ValueError(f"ProperAdamW.load_state_dict: the state dict's groups {saved} (row_sparse, name) do "
                              f"not match this optimizer's {layout}; was it saved by another optimizer or stage?")
         super().load_state_dict(state_dict)
+        if slots is not None:
+            slots.attach_optimizer(self, epoch=epoch)
+            return
         for g in self.param_groups:
             if not g["row_sparse"]:
                 continue

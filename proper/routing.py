@@ -4,6 +4,7 @@
         ...
     r = proper.user_routing(model, [0, 5, -1])   # {layer name: (gates [B, K] or None, w [B] or None)}
     g = proper.user_gates(model, [0, 5, -1])     # [L, B, K] gates of each user in each adapted layer
+    proper.refresh_cold_start(model)             # a paged model: cold-start gates over the stored users
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .context import lora_router_off, make_batch
+from .context import check_user_ids, lora_router_off, make_batch
 from .state import get_state, proper_layers
 
 
@@ -36,10 +37,47 @@ def user_routing(model: nn.Module, user_ids: Union[Tensor, Sequence[int]],
     state = get_state(model)
     stage = stage or state.stage
     layers = proper_layers(model)
-    batch = make_batch(state, user_ids)
     if stage == "population":
+        make_batch(state, user_ids)   # (validates the ids)
         return {name: (None, None) for name in layers}
-    return {name: layer.route_users(batch, batch.ids, stage) for name, layer in layers.items()}
+    if state.slots is None:
+        batch = make_batch(state, user_ids)
+        return {name: layer.route_users(batch, batch.ids, stage) for name, layer in layers.items()}
+    # a paged model: chunks of users that fit its slots, each paged in while it is routed
+    ids = check_user_ids(state, user_ids)
+    step = max(1, state.slots.num_slots // 2)
+    parts = []
+    for lo in range(0, ids.numel(), step):
+        batch = make_batch(state, ids[lo:lo + step])
+        parts.append({name: layer.route_users(batch, batch.ids, stage) for name, layer in layers.items()})
+    return {name: tuple(None if parts[0][name][i] is None else torch.cat([p[name][i] for p in parts])
+                        for i in (0, 1)) for name in layers}
+
+
+@torch.no_grad()
+def refresh_cold_start(model: nn.Module) -> None:
+    """A paged model's cold-start gates (user id -1): per layer, the mean of softmax(router logits) over every
+    user the store holds or the slots hold (trained or imported users; a never-seen user is not part of the
+    population). Reads just the router rows. A dense model averages over its whole table on each forward, so
+    there is nothing to do."""
+    state = get_state(model)
+    slots = state.slots
+    if slots is None:
+        return
+    users = slots.stored_or_resident()
+    for name, layer in state.layers.items():
+        r = getattr(layer, "router", None)
+        if r is None:
+            continue
+        if not users:
+            r.cold_start.fill_(1.0 / r.num_experts)
+            continue
+        key = f"{name}.router.embedding.weight"
+        acc = torch.zeros(r.num_experts, dtype=torch.float64, device=r.cold_start.device)
+        for lo in range(0, len(users), 4096):
+            e = torch.stack([slots.field(u, key) for u in users[lo:lo + 4096]])
+            acc += torch.softmax(r.proj(e).float(), dim=-1).sum(0).double()
+        r.cold_start.copy_((acc / len(users)).float())
 
 
 def user_gates(model: nn.Module, user_ids: Union[Tensor, Sequence[int]],

@@ -1,18 +1,20 @@
 """Per-model PROPER state: the stages, and the plain object that a patched model's layers share.
 
 The state hangs off the model as a plain attribute (not a submodule, so it never enters a state dict) and holds
-the config, the current stage, the adapted layers by name, and the users the forwards since the last optimizer
-step saw (the rows the row-sparse optimizer, proper/optim.py, may move). Everything above the layers reaches it
+the config, the current stage, the adapted layers by name, the users the forwards since the last optimizer
+step saw (the rows the row-sparse optimizer, proper/optim.py, may move) and, for a paged model, its user slots
+(proper/store/). Everything above the layers reaches it
 through :func:`get_state`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .config import ProperConfig
+from .store import UserSlots, UserStore
 
 if TYPE_CHECKING:   # typing only: modules.linear imports this module
     from .modules.linear import ProperLinear
@@ -37,7 +39,19 @@ class ProperState:
         self.stage = "user"
         self.experts_initialized = False   # the experts were copied from the population LoRA
         self.layers: Dict[str, "ProperLinear"] = {}
-        self.touched: List[Tensor] = []    # user ids of the forwards run with gradients since the last step
+        self.touched: List[Tensor] = []    # table rows of the forwards run with gradients since the last step
+        # the paged user store (cfg.resident_users): None when every user has its own row in the tables
+        self.slots: Optional[UserSlots] = UserSlots(self, UserStore(cfg.user_store)) if cfg.paged else None
+
+    def user_rows(self, user_ids: Sequence[int], *, pin: bool = False, write: bool = False) -> List[int]:
+        """The table row of each user id (-1 stays -1): the id itself, or its slot when paged (paging it in;
+        ``pin`` / ``write`` as UserSlots.rows)."""
+        if self.slots is None:
+            return list(user_ids)
+        return self.slots.rows(user_ids, pin=pin, write=write)
+
+    def user_row(self, user_id: int, *, write: bool = False) -> int:
+        return self.user_rows([int(user_id)], write=write)[0]
 
     def record_touched(self, ids: Tensor) -> None:
         """Note the users ``ids`` [B] of a forward that runs with gradients. Every layer of a forward calls this

@@ -14,6 +14,7 @@ import torch
 
 from .. import data as D
 from ..training import BUDGETS, ABLATIONS, TrainConfig, TrainingInterrupted, run_train, summary_table
+from ..training.config import PAGE_ABOVE
 from ..training import distributed as DD
 
 
@@ -48,6 +49,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="bad data lines or users: raise (the default: name the file and line) or skip and count "
                         "them (metrics.json -> data.skipped / problems)")
+    p.add_argument("--resident-users", default="auto",
+                   help="user slots held in the model (the paged user store): 'auto' (page above "
+                        f"{PAGE_ABOVE} users), 'all' (no paging) or N")
+    p.add_argument("--user-store", default=None, help="the user store's folder when paged (default: OUT/user_store)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p
 
@@ -67,6 +72,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                 kw["lora_layers"] = int(ll)
             except ValueError:
                 raise SystemExit(f"proper train: --lora-layers must be an integer or 'all', got {ll!r}") from None
+    ru = kw.get("resident_users")
+    if isinstance(ru, str) and ru.lower() not in ("auto", "all"):
+        try:
+            kw["resident_users"] = int(ru)
+        except ValueError:
+            raise SystemExit(f"proper train: --resident-users must be 'auto', 'all' or a positive integer, got "
+                             f"{ru!r}") from None
     mu = kw.get("max_users")
     if isinstance(mu, str) and mu.lower() != "all":
         try:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..routing import user_routing
 from ..state import get_state
-from .atomic import atomic_write
+from ..atomic import atomic_write
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -85,7 +85,8 @@ def _route_rows(routes: Routes, B: int) -> Dict[str, Tuple[Optional[List[float]]
 def _layer_parts(layer, stage: str, user_id: int, gates: Optional[List[float]],
                  w: Optional[float]) -> List[Tuple[Tensor, Tensor, float]]:
     """(A [r, d_in], B [d_out, r], coefficient) of every LoRA that runs for this user here, in the order and
-    with the branches of ProperLinear.forward; zero-gate experts and padded user rank rows are left out."""
+    with the branches of ProperLinear.forward; zero-gate experts and padded user rank rows are left out.
+    ``user_id``: the user's table row (its slot in a paged model), -1 for none."""
     cfg = layer.cfg
     parts = []
     if stage == "population" or (stage == "user" and not cfg.num_experts):   # the population LoRA, K = 1, gate 1
@@ -106,9 +107,11 @@ def _user_lora(model: nn.Module, user_id: int, rows, row: int, dtype) -> Tuple[D
     """peft-keyed tensors and {module: exact rank} of one user; B' is formed in fp64, then cast to dtype."""
     state = get_state(model)
     tensors, ranks = {}, {}
+    table_row = state.user_row(user_id) if user_id >= 0 else -1   # resident: user_routing just paged it in
     for name, layer in state.layers.items():
         g, w = rows[name]
-        parts = _layer_parts(layer, state.stage, user_id, None if g is None else g[row], None if w is None else w[row])
+        parts = _layer_parts(layer, state.stage, table_row, None if g is None else g[row],
+                             None if w is None else w[row])
         if not parts:
             continue
         a = torch.cat([p[0] for p in parts], 0)
@@ -256,9 +259,11 @@ def export_users(model: nn.Module, ids: Sequence[int], out: Union[str, os.PathLi
                              "stage": get_state(model).stage, "max_rank": 0, "users": {}, "cold_start": None}
     from tqdm.auto import tqdm
 
+    slots = get_state(model).slots
+    step = _ROUTE_CHUNK if slots is None else max(1, min(_ROUTE_CHUNK, slots.num_slots // 2))  # a chunk stays resident
     with tqdm(total=len(ids), desc="export", unit="user", disable=not progress) as bar:
-        for lo in range(0, len(ids), _ROUTE_CHUNK):
-            chunk = ids[lo:lo + _ROUTE_CHUNK]
+        for lo in range(0, len(ids), step):
+            chunk = ids[lo:lo + step]
             rows = _route_rows(user_routing(model, chunk), len(chunk))
             for row, u in enumerate(chunk):
                 info = _write_adapter(model, u, out / user_folder(u), rows, row, max_rank, dtype, base_model)

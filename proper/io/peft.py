@@ -153,16 +153,17 @@ def import_peft_adapter(model: nn.Module, user_id: int, path_or_state_dict, *, c
         plan[name] = (a, b, r, scale)
 
     ranks = {}
+    row = state.user_row(user_id, write=True)   # a paged model: the user's slot (paged in, written back later)
     for name, layer in layers.items():   # all checks passed: now write (all or nothing)
-        layer.user_a[user_id].zero_()
-        layer.user_b[user_id].zero_()
+        layer.user_a[row].zero_()
+        layer.user_b[row].zero_()
         if name in plan:
             a, b, r, scale = plan[name]
-            layer.user_a[user_id, :r].copy_(a)
-            layer.user_b[user_id, :, :r].copy_(b)
-            layer.user_ranks[user_id] = r
-            layer.user_scale[user_id] = scale
+            layer.user_a[row, :r].copy_(a)
+            layer.user_b[row, :, :r].copy_(b)
+            layer.user_ranks[row] = r
+            layer.user_scale[row] = scale
         else:
-            layer.user_ranks[user_id] = 0
-        ranks[name] = int(layer.user_ranks[user_id])
+            layer.user_ranks[row] = 0
+        ranks[name] = int(layer.user_ranks[row])
     return ranks

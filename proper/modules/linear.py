@@ -26,6 +26,7 @@ from proper_kernels import routed_lora
 from .. import context
 from ..config import ProperConfig
 from ..state import ProperState
+from ..store import initial_row
 from .routers import LoRAAwareRouter, UserAwareRouter
 
 
@@ -43,7 +44,8 @@ def linear_dims(module: nn.Module) -> Tuple[int, int]:
 
 
 def _init_a(t: Tensor, how: str, rank: int) -> None:
-    """peft's lora_A initialisation, applied to each [r, d_in] slice."""
+    """peft's lora_A initialisation, applied to each [r, d_in] slice (population and experts; each user's A
+    comes from its own seeded generator, proper/store/init.py)."""
     with torch.no_grad():
         if how == "gaussian":
             t.normal_(0.0, 1.0 / max(rank, 1))
@@ -66,6 +68,8 @@ class ProperLinear(nn.Module):
         user_a       [U, r, d_in]     user_b       [U, d_out, r]
         user_ranks   [U] int64 buffer: rank of each user's adapter (<= r); rows past it stay zero, never read
         user_scale   [U] fp32 buffer: alpha / r_u per user (alpha / sqrt(r_u) for rsLoRA)
+    where U is cfg.table_rows: every user, or the resident_users slots of a paged model (rows are then slots,
+    filled by proper/store/slots.py; users(model, ids) hands the layers slot rows)
         lora_router  LoRAAwareRouter (if cfg.lora_router)
     Every B starts at zero, as in LoRA, so a freshly patched model computes exactly the base model.
     """
@@ -89,7 +93,7 @@ class ProperLinear(nn.Module):
         self.name = name
         self._state = state
         dev, dt = base.weight.device, base.weight.dtype
-        d_in, d_out, K, U = self.in_features, self.out_features, cfg.num_experts, cfg.num_users
+        d_in, d_out, K, U = self.in_features, self.out_features, cfg.num_experts, cfg.table_rows
         z = dict(device=dev, dtype=dt)
 
         self.pop_rank = cfg.pop_rank
@@ -101,10 +105,15 @@ class ProperLinear(nn.Module):
             self.expert_a = nn.Parameter(torch.empty(K, cfg.expert_rank, d_in, **z))
             self.expert_b = nn.Parameter(torch.zeros(K, d_out, cfg.expert_rank, **z))
             _init_a(self.expert_a, cfg.init_a, cfg.expert_rank)
-            self.router = UserAwareRouter(U, K, cfg.router_dim, cfg.effective_top_k, cfg.router_init_std, **z)
-        self.user_a = nn.Parameter(torch.empty(U, cfg.user_rank, d_in, **z))
+            self.router = UserAwareRouter(U, K, cfg.router_dim, cfg.effective_top_k, cfg.router_init_std,
+                                          paged=cfg.paged, draw_rows=False, **z)
+        self.user_a = nn.Parameter(torch.zeros(U, cfg.user_rank, d_in, **z))
         self.user_b = nn.Parameter(torch.zeros(U, d_out, cfg.user_rank, **z))
-        _init_a(self.user_a, cfg.init_a, cfg.user_rank)
+        if not cfg.paged:   # every user's initial rows now (a paged model creates them when it pages users in)
+            for u in range(U):
+                initial_row(state, name, "user_a", u, self.user_a[u])
+                if K:
+                    initial_row(state, name, "router.embedding.weight", u, self.router.embedding.weight[u])
         self.register_buffer("user_ranks", torch.full((U,), cfg.user_rank, dtype=torch.int64, device=dev))
         self.register_buffer("user_scale", torch.full((U,), cfg.user_scale, dtype=torch.float32, device=dev))
         if cfg.lora_router:

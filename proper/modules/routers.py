@@ -32,16 +32,29 @@ class UserAwareRouter(nn.Module):
     Cold start: a user id of -1 gets the population-average gates, mean_u softmax(logits_u) over every user
     embedding (then top-k), so an unseen user is served by the experts the population relies on most.
     Embeddings start at N(0, init_std^2) and W at N(0, 1/dim), so distinct users start with distinct gates.
+
+    Paged (``paged=True``: the embedding rows are user slots): the average cannot run over every registered user
+    on each forward, so it is the buffer ``cold_start`` [K], the mean over the users the store holds (those that
+    were trained or imported), set by ``proper.refresh_cold_start(model)`` (the trainer calls it after the group
+    stage; it is saved with the model). Until then it is uniform.
     """
 
     def __init__(self, num_users: int, num_experts: int, dim: int = 32, top_k: int = 0, init_std: float = 1.0,
-                 device=None, dtype=None):
+                 device=None, dtype=None, paged: bool = False, draw_rows: bool = True):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
-        self.embedding = nn.Embedding(num_users, dim, device=device, dtype=dtype)
+        # draw_rows=False (ProperLinear): the model writes each user's seeded row (proper/store/init.py), and
+        # nothing is drawn from the global generator here, so the other parameters' draws do not depend on the
+        # table's size (dense or slots)
+        self.embedding = nn.Embedding(num_users, dim, _weight=torch.zeros(num_users, dim, device=device, dtype=dtype))
         self.proj = nn.Linear(dim, num_experts, device=device, dtype=dtype)
+        self.paged = paged
+        if paged:
+            self.register_buffer("cold_start", torch.full((num_experts,), 1.0 / num_experts, device=device,
+                                                          dtype=torch.float32))
         with torch.no_grad():
-            self.embedding.weight.normal_(0.0, init_std)
+            if draw_rows:
+                self.embedding.weight.normal_(0.0, init_std)
             self.proj.weight.normal_(0.0, 1.0 / math.sqrt(dim))
             self.proj.bias.zero_()
 
@@ -51,6 +64,8 @@ class UserAwareRouter(nn.Module):
 
     def population_probs(self) -> Tensor:
         """Mean of softmax(logits) over every user: the cold-start distribution.  # [K]"""
+        if self.paged:
+            return self.cold_start
         return torch.softmax(self.proj(self.embedding.weight), dim=-1).mean(0)
 
     def forward(self, user_ids: Tensor, extra_logits: Optional[Tensor] = None, cold_start: bool = True) -> Tensor:

@@ -13,6 +13,7 @@ from . import distributed as DD
 from ..io import proper_state_dict
 from ..patch import apply_proper, set_stage
 from ..state import get_state
+from ..store import ROW_KEYS
 from .checkpoints import resume
 from .config import ABLATIONS
 from .trainer import Trainer
@@ -35,15 +36,34 @@ def ablation_config(name: str, main):
 def copy_frozen_parts(src, dst) -> List[str]:
     """Copy the population LoRA, experts and user-aware routers (FROZEN_PARTS) of ``src`` into the same tensors
     of ``dst`` (both patched models of the same base) where ``dst`` has them; returns the copied keys."""
-    src_layers = get_state(src).layers
+    src_state, dst_state = get_state(src), get_state(dst)
+    if (src_state.slots is None) != (dst_state.slots is None):
+        raise ValueError("copy_frozen_parts: both models must be paged (resident_users) or neither")
+    rows = set(ROW_KEYS) if src_state.slots is not None else set()   # per-user rows: through the stores
     keys = []
-    for name, layer in get_state(dst).layers.items():
+    for name, layer in dst_state.layers.items():
         for part in FROZEN_PARTS:
-            theirs = src_layers[name].part_tensors(part)
+            theirs = src_state.layers[name].part_tensors(part)
             for k, t in layer.part_tensors(part).items():
-                if k in theirs:
+                if k in theirs and k not in rows:
                     t.copy_(theirs[k])
                     keys.append(f"{name}.{k}")
+    if rows:
+        keys += copy_stored_router_rows(src_state, dst_state)
+    return keys
+
+
+def copy_stored_router_rows(src_state, dst_state) -> List[str]:
+    """Paged models: every stored user's router rows of ``src`` into ``dst``'s store (the rest of a user starts
+    from its initial rows there, as in a dense copy of a model whose users were never trained)."""
+    src_slots, dst_slots = src_state.slots, dst_state.slots
+    dst_slots.drop_all()
+    keys = [k for k, _, local, _ in src_slots.tables if local == "router.embedding.weight"
+            and any(k == dk for dk, *_ in dst_slots.tables)]
+    if not keys:
+        return []
+    for u in src_slots.stored_or_resident():
+        dst_slots.store.put(u, {k: src_slots.field(u, k).detach().to("cpu", copy=True) for k in keys})
     return keys
 
 
@@ -53,9 +73,15 @@ def run_ablation(name: str, main: "Trainer", loader: Callable[[], Tuple[Any, Any
     OUT/ablations/NAME (so --resume continues it too). Returns its test metrics."""
     cfg = dataclasses.replace(main.cfg, out=str(main.out / "ablations" / name), stop_after=None)
     model, tok = loader()
-    resume_state = resume(Path(cfg.out) / "checkpoints", model)[1] if main.cfg.resume else None
+    pcfg = ablation_config(name, get_state(main.model).cfg)
+    if pcfg.user_store is not None:   # its own store folder: two models never share one
+        pcfg = dataclasses.replace(pcfg, user_store=str(Path(cfg.out) / "user_store"))
+    resume_state = resume(Path(cfg.out) / "checkpoints", model, resident_users=pcfg.resident_users,
+                          user_store=pcfg.user_store)[1] if main.cfg.resume else None
     if resume_state is None:
-        apply_proper(model, ablation_config(name, get_state(main.model).cfg))
+        apply_proper(model, pcfg)
+        if get_state(model).slots is not None:
+            get_state(model).slots.store.clear()
         copy_frozen_parts(main.model, model)
         broadcast_adapters(model)
     tr = Trainer(cfg, main.ds, model, tok, progress=main.progress)

@@ -85,13 +85,13 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return d
 
 
-def resume(root: Path, model: nn.Module) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
-    """Load the latest checkpoint under ``root`` into ``model`` (patching it); returns (folder, trainer state),
-    or (None, None) when there is none."""
+def resume(root: Path, model: nn.Module, **load_kw) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """Load the latest checkpoint under ``root`` into ``model`` (patching it; ``load_kw``: from_pretrained's
+    runtime switches); returns (folder, trainer state), or (None, None) when there is none."""
     d = latest_checkpoint(root)
     if d is None:
         return None, None
-    from_pretrained(model, d)
+    from_pretrained(model, d, **load_kw)
     try:
         state = torch.load(d / STATE_NAME, map_location="cpu", weights_only=True)
     except Exception as e:   # weights_only refuses pickled code: never fall back to a full unpickle

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
-
-
-
 
 from ..state import STAGES
 
 ABLATIONS = ("population+user", "proper_no_lora_router")
+#: With resident_users="auto", runs with more users than this page them (the user store, proper/store/).
+PAGE_ABOVE = 128
 
 # ------------------------------------------------------------------------------------------------ config
 #: Presets. "default" is sized for ~30 minutes on a quiet 2-core CPU with SmolLM2-135M (30 layers, fp32): a
@@ -71,6 +71,21 @@ class TrainConfig:
     max_new_tokens: int = 32           # generation data: tokens generated per test example
     ablations: Tuple[str, ...] = ("population+user", "proper_no_lora_router")   # trained user-stage ablations
     on_error: str = "raise"            # bad data lines/users: "raise" (name file and line) or "skip" (count them)
+    resident_users: Any = "auto"       # user slots (the paged user store): "auto" (PAGE_ABOVE), "all" or an int
+    user_store: Optional[str] = None   # the store's folder when paged (None: OUT/user_store)
+
+    def paging(self, num_users: int) -> Tuple[Optional[int], Optional[str]]:
+        """(resident_users, user_store) of the run's ProperConfig for ``num_users`` users: "auto" pages above
+        PAGE_ABOVE users, with slots for two training batches and an evaluation batch."""
+        r = self.resident_users
+        if r == "auto":
+            r = None if num_users <= PAGE_ABOVE else max(2 * self.batch_size, self.eval_batch_size, 32)
+        elif r in (None, "all"):
+            r = None
+        r = None if r is None else min(int(r), num_users)
+        if r is None:
+            return None, None
+        return r, self.user_store or str(Path(self.out) / "user_store")
 
     def resolved(self) -> "TrainConfig":
         if self.budget not in BUDGETS:
@@ -92,6 +107,9 @@ class TrainConfig:
         bad = [a for a in cfg.ablations if a not in ABLATIONS]
         if bad:
             raise ValueError(f"--ablations: unknown {bad}; known: {ABLATIONS}")
+        r = cfg.resident_users
+        if not (r in ("auto", "all", None) or (isinstance(r, int) and not isinstance(r, bool) and r >= 1)):
+            raise ValueError(f"--resident-users must be 'auto', 'all' or an int >= 1, got {r!r}")
         if cfg.on_error not in ("raise", "skip"):
             raise ValueError(f"--on-error must be 'raise' or 'skip', got {cfg.on_error!r}")
         if cfg.sampling not in ("example", "user"):

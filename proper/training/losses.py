@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 
 from ..context import users
-from ..state import proper_layers
+from ..state import get_state, proper_layers
 
 def hidden_states(model, ids, mask):
     """The decoder's last hidden states (the vocabulary projection is applied only where a loss needs it)."""
@@ -32,6 +32,7 @@ def lm_loss(model, batch) -> torch.Tensor:
 def load_balance_loss(model, rows: torch.Tensor) -> torch.Tensor:
     """L_lb = mean over layers of K * sum_k pbar_k^2 (module docstring)."""
     terms = []
+    rows = torch.as_tensor(get_state(model).user_rows(rows.tolist()))   # table rows (slots when paged)
     for layer in proper_layers(model).values():
         r = getattr(layer, "router", None)
         if r is None:

@@ -59,7 +59,9 @@ def run_train(cfg: TrainConfig, *, model_loader: Optional[Callable[[], Tuple[Any
 
     model, tok = loader()
 
-    ck, resume_state = resume(out / "checkpoints", model) if cfg.resume else (None, None)
+    resident, store = cfg.paging(len(ds))
+    ck, resume_state = resume(out / "checkpoints", model, resident_users=resident, user_store=store) \
+        if cfg.resume else (None, None)
     if ck is not None:
         if get_state(model).cfg.num_users != len(ds):
             raise ValueError(f"--resume: the checkpoint {ck} has {get_state(model).cfg.num_users} users but this run "
@@ -71,8 +73,10 @@ def run_train(cfg: TrainConfig, *, model_loader: Optional[Callable[[], Tuple[Any
         pcfg = ProperConfig(num_users=len(ds), num_experts=cfg.num_experts, expert_rank=cfg.expert_rank,
                                    user_rank=cfg.user_rank, top_k=cfg.top_k, alpha=cfg.alpha,
                                    target_modules=target_modules(model, cfg.target_modules, cfg.lora_layers),
-                                   backend=cfg.backend)
+                                   backend=cfg.backend, resident_users=resident, user_store=store)
         apply_proper(model, pcfg)
+        if get_state(model).slots is not None:   # a fresh run: nothing from an earlier run's store folder
+            get_state(model).slots.store.clear()
         broadcast_adapters(model)
 
     tr = Trainer(cfg, ds, model, tok, progress=progress)

@@ -18,7 +18,7 @@ from ..generation import generate_for_users
 from ..io import save_pretrained
 from ..optim import make_optimizer
 from ..patch import set_stage
-from ..routing import lora_router_disabled
+from ..routing import lora_router_disabled, refresh_cold_start
 from ..state import get_state
 from .batches import collate, encode, step_seed
 from .checkpoints import save_checkpoint, write_json
@@ -37,6 +37,12 @@ class Trainer:
         self.cfg, self.ds, self.model, self.tok = cfg, dataset, model, tokenizer
         self.out = Path(cfg.out)
         self.progress = progress
+        slots = get_state(model).slots
+        # a paged model: an evaluation batch's users must fit the slots, and so must a training batch's
+        self.eval_bs = cfg.eval_batch_size if slots is None else max(1, min(cfg.eval_batch_size, slots.num_slots))
+        if slots is not None and cfg.batch_size > slots.num_slots:
+            raise ValueError(f"--resident-users ({slots.num_slots}) must be >= --batch-size ({cfg.batch_size}): a "
+                             f"training step's users are resident together")
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.rating = dataset.task == "rating"
         self.rating_ids = D.rating_token_ids(tokenizer) if self.rating else None
@@ -78,22 +84,25 @@ class Trainer:
         else:
             idx = rng.integers(0, len(self.train_items), bs).tolist()
         # the global batch is the same on every rank; each rank trains on its slice (proper.distributed)
+        slots = get_state(self.model).slots
+        if slots is not None and DD.world_size() > 1:   # slot s holds the same user on every rank: the slot
+            slots.arrange([self.train_items[i].row for i in idx])   # tables' gradients average slot by slot
         return collate([self.train_items[i] for i in DD.shard(idx)], self.pad)
 
     # ------------------------------------------------------------------------------ evaluation
     def dev_loss(self) -> Dict[str, float]:
         if self.rating:
-            s = score_next_token(self.model, self.dev_items, self.pad, self.cfg.eval_batch_size, self.rating_ids)
+            s = score_next_token(self.model, self.dev_items, self.pad, self.eval_bs, self.rating_ids)
             pred = s["probs"].argmax(-1) + 1
             true = np.array([self.rating_ids.index(it.ids[it.n_prompt]) + 1 for it in self.dev_items])
             return {"dev_loss": float(s["nll"].mean()), "dev_mae": float(np.abs(pred - true).mean())}
-        return {"dev_loss": mean_lm_loss(self.model, self.dev_items, self.pad, self.cfg.eval_batch_size)}
+        return {"dev_loss": mean_lm_loss(self.model, self.dev_items, self.pad, self.eval_bs)}
 
     def evaluate_system(self, name: str, cold: bool = False) -> Dict[str, Any]:
         items = self.test_cold if cold else self.test_items
         t0 = time.time()
         if self.rating:
-            s = score_next_token(self.model, items, self.pad, self.cfg.eval_batch_size, self.rating_ids)
+            s = score_next_token(self.model, items, self.pad, self.eval_bs, self.rating_ids)
             probs = s["probs"]
             y = [float(ex.target) for ex in self.test_examples]
             pred, expected = probs.argmax(-1) + 1, probs @ np.arange(1, 6)
@@ -104,7 +113,7 @@ class Trainer:
         else:
             pairs = DD.shard([(it.row, ex.input) for it, ex in zip(items, self.test_examples)])
             preds = generate_for_users(self.model, self.tok, pairs, max_new_tokens=self.cfg.max_new_tokens,
-                                       batch_size=self.cfg.eval_batch_size) if pairs else []
+                                       batch_size=self.eval_bs) if pairs else []
             preds = DD.gather_sharded(preds)
             res = rouge_metrics([ex.target for ex in self.test_examples], [p.strip() for p in preds], self.sizes)
             self.state.setdefault("predictions", {})[name] = {"pred": [p.strip() for p in preds]}
@@ -135,6 +144,23 @@ class Trainer:
     def _trainable_named(self) -> Dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
+    def _best_copy(self, named: Dict[str, torch.nn.Parameter]) -> Dict[str, torch.Tensor]:
+        """The early-stopping copy of the trained weights. A paged model's user slots are not copied (slots change
+        users): the user store's snapshot is kept instead (in memory; a resumed run restarts it)."""
+        slots = get_state(self.model).slots
+        if slots is not None:
+            self._best_users = slots.snapshot()
+        return {k: p.detach().clone() for k, p in named.items() if k not in self._slot_tables}
+
+    def _restore_best(self, named, best: Dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, p in named.items():
+                if k in best:
+                    p.copy_(best[k])
+        slots = get_state(self.model).slots
+        if slots is not None and self._best_users is not None:
+            slots.restore(self._best_users)
+
     def stage_loss(self, stage: str, batch) -> Tuple[torch.Tensor, Dict[str, float]]:
         lm = lm_loss(self.model, batch)
         parts = {"lm": float(lm.detach())}
@@ -155,6 +181,10 @@ class Trainer:
         opt = self._optimizer(stage)
         named = self._trainable_named()
         routers = {id(p) for g in opt.param_groups if g["name"] in ("routers", "router_rows") for p in g["params"]}
+        slots = get_state(self.model).slots
+        tables = {id(t) for *_, t in slots.tables} if slots is not None else set()
+        self._slot_tables = {k for k, p in named.items() if id(p) in tables}
+        self._best_users = None
         hist = self.state["history"].setdefault(stage, {"steps": [], "evals": []})
         info = self.state["stages"].setdefault(stage, {})
         t_start = time.time()
@@ -162,17 +192,19 @@ class Trainer:
             opt.load_state_dict(resume["optimizer"])
             es = resume["early_stopping"]
             es["best"] = {k: v.clone() for k, v in es["best"].items()}
+            if slots is not None:   # the users' best copy did not survive the restart: it starts from here
+                self._best_users = slots.snapshot()
             start = resume["step"] + 1
             # the history written after the checkpoint was taken is discarded, so it matches the weights
             hist["steps"] = [h for h in hist["steps"] if h["step"] < start]
             hist["evals"] = [h for h in hist["evals"] if h["step"] < start]
             log.info("%s: resuming at step %d", stage, start)
         else:
-            info.update(probe_loss_start=mean_lm_loss(self.model, self.probe_items, self.pad, cfg.eval_batch_size))
+            info.update(probe_loss_start=mean_lm_loss(self.model, self.probe_items, self.pad, self.eval_bs))
             d0 = self.dev_loss()
             hist["evals"].append({"step": -1, **d0})
             es = {"best_loss": d0["dev_loss"], "best_step": -1, "bad": 0, "stopped": False,
-                  "best": {k: p.detach().clone() for k, p in named.items()}}
+                  "best": self._best_copy(named)}
             start = 0
         stop_stage, stop_step = (cfg.stop_after.split(":") + [None])[:2] if cfg.stop_after else (None, None)
         bar = tqdm(total=steps, mininterval=1.0, initial=start, desc=stage, disable=not self.progress)
@@ -201,8 +233,7 @@ class Trainer:
                     d = self.dev_loss()
                     hist["evals"].append({"step": step, **d})
                     if d["dev_loss"] < es["best_loss"] - 1e-4:
-                        es.update(best_loss=d["dev_loss"], best_step=step, bad=0,
-                                  best={k: p.detach().clone() for k, p in named.items()})
+                        es.update(best_loss=d["dev_loss"], best_step=step, bad=0, best=self._best_copy(named))
                     else:
                         es["bad"] += 1
                         if es["bad"] >= cfg.patience:
@@ -217,14 +248,12 @@ class Trainer:
         info.update(steps_run=last + 1, steps=steps, best_step=es["best_step"], best_dev_loss=es["best_loss"],
                     stopped_early=bool(es["stopped"]),
                     seconds=round(info.get("seconds", 0.0) + time.time() - t_start, 2))
-        info["probe_loss_end"] = mean_lm_loss(self.model, self.probe_items, self.pad, cfg.eval_batch_size)
+        info["probe_loss_end"] = mean_lm_loss(self.model, self.probe_items, self.pad, self.eval_bs)
         if es["best_step"] == last:
             info["probe_loss_best"] = info["probe_loss_end"]
         else:
-            with torch.no_grad():   # the best dev weights
-                for k, p in named.items():
-                    p.copy_(es["best"][k])
-            info["probe_loss_best"] = mean_lm_loss(self.model, self.probe_items, self.pad, cfg.eval_batch_size)
+            self._restore_best(named, es["best"])   # the best dev weights
+            info["probe_loss_best"] = mean_lm_loss(self.model, self.probe_items, self.pad, self.eval_bs)
         if info["probe_loss_end"] >= info["probe_loss_start"]:
             log.warning("%s: the training probe loss did not fall (%.4f -> %.4f)", stage, info["probe_loss_start"],
                         info["probe_loss_end"])
@@ -235,6 +264,7 @@ class Trainer:
         if stage == "population":
             self.evaluate_system("population")
         elif stage == "group":
+            refresh_cold_start(self.model)   # a paged model's cold-start gates, over the users it now stores
             self.evaluate_system("group")
             g = user_gates(self.model, rows, "group")
             if g is not None:

@@ -1,0 +1,363 @@
+"""The user store: user id -> record ({key: CPU tensor}), in memory or in immutable, memory-mapped segment files.
+
+A record is everything per user that is not resident (proper/store/slots.py decides what goes in one). The store
+is log-structured, so saving is incremental and atomic without ever rewriting a file in place:
+
+    overlay     records written since they last reached a segment (CPU memory)
+    segments    immutable files ``<uuid>.seg``; the newest segment holding a user is that user's record
+
+A segment file is: 8 bytes (little-endian header length), a JSON header (format tag, user ids, fields
+``[key, dtype, shape, offset]``, bytes per record, CRC-32 of every record), zero padding to 64 bytes, then one
+fixed-size record per user. Nothing is unpickled; a truncated file, a damaged header or a record whose CRC does
+not match raises :class:`StoreError` naming the file (and the user). Records are read through a read-only
+``numpy.memmap``, so opening a store reads headers only, and paging a user in reads that user's bytes only.
+
+``folder=None``: the overlay lives in memory until a save writes it as a segment into the checkpoint (the store
+then reads those users from the checkpoint's files, and the memory is freed). ``folder=PATH``: the overlay is
+spilled into PATH as a segment once it holds ``spill_bytes``, and PATH/manifest.json (written atomically)
+names PATH's segments.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import zlib
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..atomic import atomic_write, atomic_write_json, fsync_dir
+
+SEGMENT_FORMAT = "proper-user-segment"
+SEGMENT_VERSION = 1
+SEGMENT_SUFFIX = ".seg"
+MANIFEST = "manifest.json"
+#: default size of the in-memory overlay of a folder store before it is spilled into a segment
+SPILL_BYTES = 1 << 30
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+Record = Dict[str, Tensor]
+
+
+class StoreError(ValueError):
+    """A store file is missing, truncated, damaged or not ours."""
+
+
+def record_nbytes(rec: Record) -> int:
+    return sum(t.numel() * t.element_size() for t in rec.values())
+
+
+class Segment:
+    """One immutable segment file, opened lazily (header only) and read through a memmap."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.name = self.path.name
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n <= size - 8:
+                    raise StoreError(f"proper user store: {self.path} is truncated or not a user segment (header "
+                                     f"length {n}, file size {size})")
+                head = json.loads(f.read(n).decode())
+        except FileNotFoundError:
+            raise StoreError(f"proper user store: segment {self.path} is missing") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StoreError(f"proper user store: {self.path} has a damaged header ({e})") from None
+        if not isinstance(head, dict) or head.get("format") != SEGMENT_FORMAT:
+            raise StoreError(f"proper user store: {self.path} is not a user segment (no format "
+                             f"{SEGMENT_FORMAT!r})")
+        if head.get("version") != SEGMENT_VERSION:
+            raise StoreError(f"proper user store: {self.path} has version {head.get('version')!r}; this library "
+                             f"reads version {SEGMENT_VERSION}")
+        try:
+            self.users: List[int] = [int(u) for u in head["users"]]
+            self.crc: List[int] = [int(c) for c in head["crc32"]]
+            self.record_bytes = int(head["record_bytes"])
+            self.fields = [(str(k), _DTYPES[d], tuple(int(s) for s in shape), int(off))
+                           for k, d, shape, off in head["fields"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"proper user store: {self.path} has a damaged header ({type(e).__name__}: {e})") from None
+        self.data_offset = _aligned(8 + n)
+        want = self.data_offset + len(self.users) * self.record_bytes
+        if size != want or len(self.crc) != len(self.users):
+            raise StoreError(f"proper user store: {self.path} is truncated or damaged: {size} bytes, its header "
+                             f"describes {want} ({len(self.users)} records of {self.record_bytes} bytes)")
+        self.keys = frozenset(k for k, *_ in self.fields)
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None   # keeps the inode alive
+
+    def read(self, row: int) -> Record:
+        """The record in ``row``, CRC-checked, as fresh tensors."""
+        off = self.data_offset + row * self.record_bytes
+        buf = bytearray(self._mm[off: off + self.record_bytes])
+        if zlib.crc32(buf) != self.crc[row]:
+            raise StoreError(f"proper user store: user {self.users[row]}'s record in {self.path} is corrupt (CRC "
+                             f"mismatch)")
+        return _unpack(buf, self.fields)
+
+    def read_field(self, row: int, key: str) -> Tensor:
+        """One field of one record (not CRC-checked: a partial read), as a fresh tensor."""
+        for k, dt, shape, foff in self.fields:
+            if k == key:
+                n = _numel(shape) * _itemsize(dt)
+                off = self.data_offset + row * self.record_bytes + foff
+                return torch.frombuffer(bytearray(self._mm[off: off + n]), dtype=dt).reshape(shape)
+        raise KeyError(key)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data_offset + len(self.users) * self.record_bytes
+
+
+def write_segment(folder: Path, items: List[Tuple[int, Record]]) -> str:
+    """Write ``items`` (records with the same keys, shapes and dtypes) as a new segment in ``folder``, atomically;
+    returns its file name."""
+    keys = list(items[0][1])
+    fields, off = [], 0
+    for k in keys:
+        t = items[0][1][k]
+        fields.append([k, _NAMES[t.dtype], list(t.shape), off])
+        off = _aligned(off + t.numel() * t.element_size(), 8)
+    record_bytes = off
+    users, crcs, blobs = [], [], []
+    for uid, rec in items:
+        if list(rec) != keys:
+            raise ValueError("write_segment: records of one segment must have the same keys")
+        buf = bytearray(record_bytes)
+        for k, dt, shape, foff in fields:
+            t = rec[k]
+            if list(t.shape) != shape or _NAMES[t.dtype] != dt:
+                raise ValueError(f"write_segment: field {k!r} of user {uid} is {tuple(t.shape)} {t.dtype}, the "
+                                 f"segment's is {tuple(shape)} {dt}")
+            b = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+            buf[foff: foff + len(b)] = b
+        users.append(int(uid))
+        crcs.append(zlib.crc32(buf))
+        blobs.append(buf)
+    head = json.dumps({"format": SEGMENT_FORMAT, "version": SEGMENT_VERSION, "users": users, "crc32": crcs,
+                       "record_bytes": record_bytes, "fields": fields}).encode()
+    name = f"{uuid.uuid4().hex}{SEGMENT_SUFFIX}"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(len(head).to_bytes(8, "little"))
+            f.write(head)
+            f.write(b"\0" * (_aligned(8 + len(head)) - 8 - len(head)))
+            for b in blobs:
+                f.write(b)
+
+    atomic_write(Path(folder) / name, write)
+    return name
+
+
+class UserStore:
+    """user id -> record; module docstring. ``get`` returns None for a user never stored (created from its
+    deterministic initialisation by the caller)."""
+
+    def __init__(self, folder: Optional[os.PathLike] = None, spill_bytes: int = SPILL_BYTES):
+        self.folder = None if folder is None else Path(folder)
+        self.spill_bytes = spill_bytes
+        self._overlay: Dict[int, Record] = {}
+        self._overlay_bytes = 0
+        self._index: Dict[int, Tuple[Segment, int]] = {}
+        self._segments: Dict[str, Segment] = {}   # name -> segment, in the order they were added
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._bind(self.folder, _read_manifest(self.folder))
+
+    # ------------------------------------------------------------------------------------------ reading
+    def __contains__(self, uid: int) -> bool:
+        return uid in self._overlay or uid in self._index
+
+    def __len__(self) -> int:
+        return len(self._index.keys() | self._overlay.keys())
+
+    def user_ids(self) -> List[int]:
+        return sorted(self._index.keys() | self._overlay.keys())
+
+    def get(self, uid: int) -> Optional[Record]:
+        rec = self._overlay.get(uid)
+        if rec is not None:
+            return rec
+        hit = self._index.get(uid)
+        return None if hit is None else hit[0].read(hit[1])
+
+    def get_field(self, uid: int, key: str) -> Optional[Tensor]:
+        rec = self._overlay.get(uid)
+        if rec is not None:
+            return rec.get(key)
+        hit = self._index.get(uid)
+        if hit is None or key not in hit[0].keys:
+            return None
+        return hit[0].read_field(hit[1], key)
+
+    # ------------------------------------------------------------------------------------------ writing
+    def put(self, uid: int, rec: Record) -> None:
+        old = self._overlay.get(uid)
+        if old is not None:
+            self._overlay_bytes -= record_nbytes(old)
+        self._overlay[uid] = rec
+        self._overlay_bytes += record_nbytes(rec)
+        if self.folder is not None and self._overlay_bytes >= self.spill_bytes:
+            self.spill()
+
+    def spill(self) -> None:
+        """Folder store: write the overlay into the folder as segments and commit the folder's manifest."""
+        if self.folder is None or not self._overlay:
+            return
+        self._write_overlay(self.folder)
+        atomic_write_json(self.folder / MANIFEST, {"format": SEGMENT_FORMAT, "segments": self._live_segments()})
+
+    def save_into(self, dest: os.PathLike) -> List[str]:
+        """Put every stored user into folder ``dest`` as segment files and return the names of the segments that
+        hold them (newest last). Incremental: segments already in ``dest`` are kept, the store's other segments
+        are hard-linked (copied where links fail), and only the overlay is written. Commits nothing by itself:
+        the caller's save record naming these segments is the commit point; then :func:`remove_unlisted`."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in self._live_segments():
+            seg = self._segments[name]
+            target = dest / name
+            if not target.exists():
+                _link_or_copy(seg.path, target)
+        if self._overlay:
+            self._write_overlay(dest if self.folder is None else self.folder)
+            if self.folder is not None:
+                for name in self._live_segments():
+                    if not (dest / name).exists():
+                        _link_or_copy(self._segments[name].path, dest / name)
+                atomic_write_json(self.folder / MANIFEST, {"format": SEGMENT_FORMAT,
+                                                           "segments": self._live_segments()})
+        fsync_dir(dest)
+        return self._live_segments()
+
+    def _write_overlay(self, folder: Path) -> None:
+        groups: Dict[tuple, List[Tuple[int, Record]]] = {}
+        for uid in sorted(self._overlay):
+            rec = self._overlay[uid]
+            sig = tuple((k, t.dtype, tuple(t.shape)) for k, t in rec.items())
+            groups.setdefault(sig, []).append((uid, rec))
+        for items in groups.values():
+            name = write_segment(folder, items)
+            self._add(Segment(Path(folder) / name))
+        self._overlay.clear()
+        self._overlay_bytes = 0
+
+    # ------------------------------------------------------------------------------------------ segments
+    def _add(self, seg: Segment) -> None:
+        self._segments[seg.name] = seg
+        for row, uid in enumerate(seg.users):
+            self._index[uid] = (seg, row)
+
+    def _bind(self, folder: Path, names: Iterable[str]) -> None:
+        for name in names:
+            self._add(Segment(Path(folder) / name))
+
+    def open_segments(self, folder: os.PathLike, names: Iterable[str]) -> None:
+        """Read the users of the segments ``names`` in ``folder`` (headers only; later names win)."""
+        self._bind(Path(folder), names)
+
+    def clear(self) -> None:
+        """Forget every user; a folder store also deletes its manifest and segment files (a fresh run's store)."""
+        self._overlay.clear()
+        self._overlay_bytes = 0
+        self._index.clear()
+        self._segments.clear()
+        if self.folder is not None:
+            (self.folder / MANIFEST).unlink(missing_ok=True)
+            remove_unlisted(self.folder, ())
+
+    def replace_with(self, folder: os.PathLike, names: Iterable[str]) -> None:
+        """Hold exactly the users of the segments ``names`` in ``folder`` (a loaded save): anything stored before
+        is dropped. A folder store links the segments into its own folder and commits its manifest."""
+        names = list(names)
+        self._overlay.clear()
+        self._overlay_bytes = 0
+        self._index.clear()
+        self._segments.clear()
+        if self.folder is None:
+            self._bind(Path(folder), names)
+            return
+        for n in names:
+            if not (self.folder / n).exists():
+                _link_or_copy(Path(folder) / n, self.folder / n)
+        self._bind(self.folder, names)
+        atomic_write_json(self.folder / MANIFEST, {"format": SEGMENT_FORMAT, "segments": self._live_segments()})
+
+    def _live_segments(self) -> List[str]:
+        """Segments that still hold the newest record of at least one user, oldest first."""
+        live = {seg.name for seg, _ in self._index.values()}
+        return [n for n in self._segments if n in live]
+
+    def snapshot(self) -> tuple:
+        """A cheap copy of which record each user has now (records are never changed in place)."""
+        return dict(self._index), dict(self._overlay), self._overlay_bytes
+
+    def restore(self, snap: tuple) -> None:
+        self._index, self._overlay, self._overlay_bytes = dict(snap[0]), dict(snap[1]), snap[2]
+
+
+def remove_unlisted(folder: os.PathLike, keep: Iterable[str]) -> None:
+    """Delete the segment files in ``folder`` that ``keep`` does not name (after a save committed)."""
+    keep = set(keep)
+    for f in Path(folder).glob(f"*{SEGMENT_SUFFIX}"):
+        if f.name not in keep:
+            try:
+                f.unlink()
+            except OSError:
+                pass
+
+
+def _read_manifest(folder: Path) -> List[str]:
+    f = folder / MANIFEST
+    if not f.exists():
+        return []
+    try:
+        m = json.loads(f.read_text())
+        names = m["segments"]
+        if m.get("format") != SEGMENT_FORMAT or not all(isinstance(n, str) for n in names):
+            raise ValueError("not a user store manifest")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise StoreError(f"proper user store: {f} is damaged or not a user store manifest ({e})") from None
+    return names
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _unpack(buf: bytearray, fields) -> Record:
+    raw = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.zeros(0, dtype=torch.uint8)
+    out = {}
+    for k, dt, shape, off in fields:
+        n = _numel(shape) * _itemsize(dt)
+        out[k] = raw[off: off + n].view(dt).reshape(shape)
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _itemsize(dt: torch.dtype) -> int:
+    return torch.empty((), dtype=dt).element_size()
+
+
+def _aligned(n: int, to: int = 64) -> int:
+    return (n + to - 1) // to * to

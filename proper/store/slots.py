@@ -1,0 +1,361 @@
+"""UserSlots: the S resident user slots of a paged model, and the paging between them and the user store.
+
+With ``ProperConfig(resident_users=S)`` every per-user table of every layer has S rows (slots), and the kernels
+index slots. This object maps user ids to slots:
+
+- ``rows(user_ids)`` gives each user a slot, paging missing users in, least recently used slot out first. A user
+  the store has never seen is created from its deterministic initialisation (store/init.py), so lazy and eager
+  creation give the same weights.
+- A slot is *dirty* once a forward with gradients, an optimizer step or an import may have changed it; a dirty
+  slot is written back to the store when it is evicted, on save and on :meth:`flush`. (Not when a ``users()``
+  block ends: a training step's optimizer update comes after its block, so a copy there would be stale.)
+- Slots are *pinned* while a ``users()`` block that uses them is open, and *held* from a forward with gradients
+  until the next step of the model's optimizer: the step updates slot rows, so they must still hold the same
+  users. A batch that needs more slots than are free raises :class:`ResidentUsersError` naming
+  ``resident_users``.
+
+A record holds, per adapted layer, the user's rows of ``user_a``, ``user_b``, ``user_ranks``, ``user_scale`` and the
+user-aware router's ``embedding.weight``, plus, when an optimizer from :func:`proper.make_optimizer` is attached,
+its moment rows and per-row step counts, tagged with the optimizer's epoch (a new optimizer starts from zero
+moments, as torch optimizers do; one loaded from a state dict takes back its epoch).
+"""
+from __future__ import annotations
+
+import collections
+import uuid
+import weakref
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .init import init_router_row, init_user_a
+from .segments import Record, UserStore
+
+if TYPE_CHECKING:
+    from ..state import ProperState
+
+#: Local keys of a ProperLinear's per-user tensors (dim 0 = user, or slot when paged).
+ROW_KEYS = ("user_a", "user_b", "user_ranks", "user_scale", "router.embedding.weight")
+#: Of those, the ones an optimizer trains (moment rows are paged with them).
+TRAINED_ROW_KEYS = ("user_a", "user_b", "router.embedding.weight")
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_EPOCH = "@epoch"
+
+
+class ResidentUsersError(RuntimeError):
+    """A batch needs more user slots than ``resident_users`` leaves free."""
+
+
+def row_tables(state: "ProperState") -> List[Tuple[str, str, str, Tensor]]:
+    """(record key, layer name, local key, table) of every per-user tensor of the model."""
+    out = []
+    for name, layer in state.layers.items():
+        ts = layer.adapter_tensors()
+        out += [(f"{name}.{k}", name, k, ts[k]) for k in ROW_KEYS if k in ts]
+    return out
+
+
+def initial_row(state: "ProperState", layer: str, key: str, uid: int, out: Tensor) -> Tensor:
+    """Write user ``uid``'s initial value of one per-user tensor row into ``out``."""
+    cfg = state.cfg
+    with torch.no_grad():
+        if key == "user_a":
+            return init_user_a(out, cfg.init_a, cfg.user_init_seed, layer, uid)
+        if key == "router.embedding.weight":
+            return init_router_row(out, cfg.router_init_std, cfg.user_init_seed, layer, uid)
+        if key == "user_ranks":
+            return out.fill_(cfg.user_rank)
+        if key == "user_scale":
+            return out.fill_(cfg.user_scale)
+        return out.zero_()   # user_b: LoRA's B starts at zero
+
+
+class UserSlots:
+    """Slots of one paged model (module docstring)."""
+
+    def __init__(self, state: "ProperState", store: UserStore):
+        self.state = state
+        self.store = store
+        self.num_slots = state.cfg.resident_users
+        self.user_of: List[int] = [-1] * self.num_slots      # slot -> user id (-1: free)
+        self.slot_of: Dict[int, int] = {}                     # user id -> slot
+        self.lru: "collections.OrderedDict[int, None]" = collections.OrderedDict()   # resident slots, oldest first
+        self.pins = [0] * self.num_slots
+        self.held: set = set()
+        self.dirty: set = set()
+        self.whole: set = set()                               # slots to write back with every field (imports)
+        self.stored_keys: Dict[int, frozenset] = {}           # slot -> fields its user's stored record has
+        self._tables: Optional[list] = None
+        self._by_key: Optional[dict] = None
+        self._optimizer = None                                # weakref to the attached ProperAdamW
+        self.epoch = 0
+        self.page_ins = 0
+        self.write_backs = 0
+
+    # ------------------------------------------------------------------------------------------ mapping
+    @property
+    def tables(self):
+        if self._tables is None:
+            self._tables = row_tables(self.state)
+        return self._tables
+
+    def rows(self, user_ids: Sequence[int], *, pin: bool = False, write: bool = False) -> List[int]:
+        """The slot of each id (-1 stays -1), paging in the missing users; ``pin`` pins the slots (release with
+        :meth:`unpin`), ``write`` marks them dirty."""
+        need = list(dict.fromkeys(u for u in user_ids if u >= 0))
+        missing = [u for u in need if u not in self.slot_of]
+        if missing:
+            self._make_room(need, len(missing))
+            for u in missing:
+                self._page_in(u, self._free_slot(need))
+        for u in need:
+            self.lru.move_to_end(self.slot_of[u])
+        out = [self.slot_of[u] if u >= 0 else -1 for u in user_ids]
+        slots = [self.slot_of[u] for u in need]
+        if pin:
+            for s in slots:
+                self.pins[s] += 1
+        if write:   # written from outside (an import): every field changes
+            self.dirty.update(slots)
+            self.whole.update(slots)
+        return out
+
+    def unpin(self, slots: Iterable[int]) -> None:
+        for s in set(s for s in slots if s >= 0):
+            self.pins[s] -= 1
+
+    def hold(self, slots: Iterable[int]) -> None:
+        """Keep ``slots`` (and mark them dirty) until the optimizer's next step: they may be updated there."""
+        s = {x for x in slots if x >= 0}
+        self.held |= s
+        self.dirty |= s
+
+    def release_held(self) -> None:
+        self.held.clear()
+
+    def mark_dirty(self, slots: Iterable[int]) -> None:
+        self.dirty.update(int(s) for s in slots if s >= 0)
+
+    def resident_users(self) -> List[int]:
+        return [u for u in self.user_of if u >= 0]
+
+    # ------------------------------------------------------------------------------------------ paging
+    def _evictable(self, keep: set) -> List[int]:
+        return [s for s in self.lru if not self.pins[s] and s not in self.held and self.user_of[s] not in keep]
+
+    def _make_room(self, need: List[int], n_missing: int) -> None:
+        free = self.num_slots - len(self.lru)
+        if free >= n_missing:
+            return
+        keep = set(need)
+        if free + len(self._evictable(keep)) < n_missing:
+            pinned = sum(1 for s in self.lru if self.pins[s])
+            held = len(self.held - {s for s in self.lru if self.pins[s]})
+            raise ResidentUsersError(
+                f"proper.users: the batch needs {len(need)} distinct users resident ({n_missing} not yet), but "
+                f"resident_users={self.num_slots} slots hold {pinned} users pinned by open users() blocks and "
+                f"{held} held for the coming optimizer step (forwards with gradients since the last "
+                f"proper.make_optimizer step). Raise ProperConfig(resident_users=...) to at least the distinct "
+                f"users of one optimizer step, step the optimizer from proper.make_optimizer (other optimizers "
+                f"do not release slots), or run inference under torch.no_grad()")
+
+    def _free_slot(self, keep: List[int]) -> int:
+        if len(self.lru) < self.num_slots:
+            return self.user_of.index(-1)
+        victim = self._evictable(set(keep))[0]
+        self._evict(victim)
+        return victim
+
+    def _evict(self, slot: int) -> None:
+        if slot in self.dirty:
+            self._write_back(slot)
+        del self.slot_of[self.user_of[slot]]
+        self.user_of[slot] = -1
+        del self.lru[slot]
+
+    @torch.no_grad()
+    def _page_in(self, uid: int, slot: int) -> None:
+        rec = self.store.get(uid)
+        self.stored_keys[slot] = frozenset(rec) if rec is not None else frozenset()
+        for key, layer, local, t in self.tables:
+            if rec is not None and key in rec:
+                t[slot].copy_(rec[key])
+            else:
+                initial_row(self.state, layer, local, uid, t[slot])
+        self._load_moments(slot, rec)
+        self.user_of[slot] = uid
+        self.slot_of[uid] = slot
+        self.lru[slot] = None
+        self.lru.move_to_end(slot)
+        self.page_ins += 1
+
+    def _moment_tables(self):
+        """(record key, table, its optimizer state dict) for every trained table the attached optimizer holds."""
+        opt = None if self._optimizer is None else self._optimizer()
+        if opt is None:
+            return []
+        out = []
+        for key, _, local, t in self.tables:
+            st = opt.state.get(t) if local in TRAINED_ROW_KEYS else None
+            if st:
+                out.append((key, st))
+        return out
+
+    @torch.no_grad()
+    def _load_moments(self, slot: int, rec: Optional[Record]) -> None:
+        ok = rec is not None and _EPOCH in rec and int(rec[_EPOCH]) == self.epoch
+        for key, st in self._moment_tables():
+            for m in (*_MOMENTS, "step"):
+                if m in st:
+                    src = rec.get(f"{key}@{m}") if ok else None
+                    if src is None:
+                        st[m][slot].zero_()
+                    else:
+                        st[m][slot].copy_(src)
+
+    @torch.no_grad()
+    def record(self, slot: int) -> Record:
+        """The store record of the user in ``slot``: its rows (and moment rows) as CPU tensors. Only the fields
+        that can differ from the user's initial rows are kept: those its stored record had, those being trained
+        (requires_grad) and, after an import, all; a group-stage record is then just the router rows."""
+        dt = torch.bfloat16 if self.state.cfg.store_dtype == "bfloat16" else torch.float32
+        had = self.stored_keys.get(slot, frozenset())
+        whole = slot in self.whole
+        rec = {}
+        for key, _, local, t in self.tables:
+            if whole or key in had or t.requires_grad:
+                rec[key] = _stored(t[slot], dt, local == "user_scale")
+        moments = self._moment_tables()
+        for key, st in moments:
+            for m in (*_MOMENTS, "step"):
+                if m in st:
+                    rec[f"{key}@{m}"] = _stored(st[m][slot], dt, m == "step")
+        if moments:
+            rec[_EPOCH] = torch.tensor(self.epoch, dtype=torch.int64)
+        return rec
+
+    def _write_back(self, slot: int) -> None:
+        rec = self.record(slot)
+        self.store.put(self.user_of[slot], rec)
+        self.stored_keys[slot] = frozenset(rec)
+        self.dirty.discard(slot)
+        self.whole.discard(slot)
+        self.write_backs += 1
+
+    def flush(self) -> None:
+        """Write every dirty slot back to the store (the slots stay resident)."""
+        for s in sorted(self.dirty):
+            if self.user_of[s] >= 0:
+                self._write_back(s)
+        self.dirty.clear()
+
+    def drop_all(self) -> None:
+        """Forget every resident user without writing back (after the store was restored or replaced)."""
+        if any(self.pins):
+            raise RuntimeError("proper: cannot drop the resident users while a users() block is open")
+        self.user_of = [-1] * self.num_slots
+        self.slot_of.clear()
+        self.lru.clear()
+        self.held.clear()
+        self.dirty.clear()
+        self.whole.clear()
+        self.stored_keys.clear()
+
+    def arrange(self, user_ids: Sequence[int]) -> None:
+        """Put the i-th distinct user of ``user_ids`` in slot i (paging in as needed). Under data parallelism
+        every rank calls this with the same global batch, so slot s holds the same user on every rank and the
+        gradients of the slot tables can be averaged slot by slot."""
+        order = list(dict.fromkeys(u for u in user_ids if u >= 0))
+        if len(order) > self.num_slots:
+            raise ResidentUsersError(f"proper: a global batch of {len(order)} distinct users does not fit "
+                                     f"resident_users={self.num_slots}")
+        self.rows(order)
+        for i, u in enumerate(order):
+            s = self.slot_of[u]
+            if s != i:
+                self._swap(s, i)
+
+    @torch.no_grad()
+    def _swap(self, a: int, b: int) -> None:
+        for _, _, _, t in self.tables:
+            t[[a, b]] = t[[b, a]]
+        for _, st in self._moment_tables():
+            for m in (*_MOMENTS, "step"):
+                if m in st:
+                    st[m][[a, b]] = st[m][[b, a]]
+        ua, ub = self.user_of[a], self.user_of[b]
+        self.user_of[a], self.user_of[b] = ub, ua
+        for u, s in ((ub, a), (ua, b)):
+            if u >= 0:
+                self.slot_of[u] = s
+        for name in ("pins",):
+            v = getattr(self, name)
+            v[a], v[b] = v[b], v[a]
+        ka, kb = self.stored_keys.pop(a, frozenset()), self.stored_keys.pop(b, frozenset())
+        self.stored_keys[a], self.stored_keys[b] = kb, ka
+        for group in (self.held, self.dirty, self.whole):
+            ina, inb = a in group, b in group
+            group.discard(a), group.discard(b)
+            if ina:
+                group.add(b)
+            if inb:
+                group.add(a)
+        lru = collections.OrderedDict()
+        for s in self.lru:
+            lru[b if s == a else a if s == b else s] = None
+        self.lru = lru
+
+    # ------------------------------------------------------------------------------------------ optimizer
+    def attach_optimizer(self, opt, epoch: Optional[int] = None) -> None:
+        """Page ``opt``'s row-sparse moments with the slots. A new optimizer (``epoch`` None) gets a fresh epoch:
+        every user's moments start at zero, as in any new torch optimizer. Creates the moment rows now (zeros),
+        so that a user paged in before the first step can receive its stored moments."""
+        self._optimizer = weakref.ref(opt)
+        self.epoch = uuid.uuid4().int >> 65 if epoch is None else int(epoch)
+        opt.create_row_state()
+        for s, u in enumerate(self.user_of):   # resident users take their moments of this epoch (if any)
+            if u >= 0:
+                self._load_moments(s, self.store.get(u) if u in self.store else None)
+
+    def optimizer(self):
+        return None if self._optimizer is None else self._optimizer()
+
+    # ------------------------------------------------------------------------------------------ store-wide
+    def snapshot(self) -> tuple:
+        """The state of every user now (flushes the dirty slots first); :meth:`restore` brings it back."""
+        self.flush()
+        return self.store.snapshot()
+
+    def restore(self, snap: tuple) -> None:
+        self.store.restore(snap)
+        pinned = [u for s, u in enumerate(self.user_of) if u >= 0 and self.pins[s]]
+        if pinned:
+            raise RuntimeError("proper: cannot restore the users while a users() block is open")
+        resident = self.resident_users()
+        self.drop_all()
+        self.rows(resident)   # same users resident, now with the restored values
+
+    def stored_or_resident(self) -> List[int]:
+        return sorted(set(self.store.user_ids()) | set(self.resident_users()))
+
+    def field(self, uid: int, key: str) -> Tensor:
+        """One per-user tensor row of user ``uid`` (resident, stored or initial), without paging it in."""
+        if self._by_key is None:
+            self._by_key = {k: (layer, local, t) for k, layer, local, t in self.tables}
+        layer, local, t = self._by_key[key]
+        s = self.slot_of.get(uid)
+        if s is not None:
+            return t[s].detach()
+        v = self.store.get_field(uid, key)
+        if v is not None:
+            return v.to(device=t.device, dtype=t.dtype)
+        return initial_row(self.state, layer, local, uid, torch.empty_like(t[0]))
+
+
+def _stored(t: Tensor, float_dtype: torch.dtype, exact_fp32: bool) -> Tensor:
+    """A CPU copy of one row for the store: floats in the store dtype (fp32 for scales and step counts)."""
+    t = t.detach()
+    if t.is_floating_point():
+        t = t.to(torch.float32 if exact_fp32 else float_dtype)
+    return t.to("cpu", copy=True).contiguous()
