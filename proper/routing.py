@@ -57,14 +57,14 @@ def user_routing(model: nn.Module, user_ids: Union[Tensor, Sequence[int]],
 @torch.no_grad()
 def refresh_cold_start(model: nn.Module) -> None:
     """A paged model's cold-start gates (user id -1): per layer, the mean of softmax(router logits) over every
-    user the store holds or the slots hold (trained or imported users; a never-seen user is not part of the
-    population). Reads just the router rows. A dense model averages over its whole table on each forward, so
+    user the store holds (trained or imported users, dirty slots written back first; a never-seen user is not
+    part of the population). Reads just the router rows. A dense model averages over its whole table on each forward, so
     there is nothing to do."""
     state = get_state(model)
     slots = state.slots
     if slots is None:
         return
-    users = slots.stored_or_resident()
+    users = slots.stored_users()
     for name, layer in state.layers.items():
         r = getattr(layer, "router", None)
         if r is None:

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..config import ProperConfig
 from ..patch import apply_proper, set_stage
+from ..routing import refresh_cold_start
 from ..state import STAGES, ProperState, find_state, get_state
 from ..store import ROW_KEYS, UserStore, initial_row, remove_unlisted, row_tables
 from ..atomic import atomic_write, atomic_write_text, remove_leftovers
@@ -49,6 +50,7 @@ CONFIG_NAME = "proper_config.json"
 FORMAT = "proper"
 FORMAT_VERSION = 1
 STORE_DIR = "users"
+COLD_START_KEY = ".router.cold_start"
 _RECORD_KEYS = ("format", "format_version", "save_id", "config", "stage")   # required in every save record
 
 
@@ -181,6 +183,11 @@ def load_proper_weights(model: nn.Module, tensors: Mapping[str, Tensor], source:
     if state.slots is not None:   # a dense save into a paged model: its per-user tables go into the store
         dense_rows = {k: tensors[k] for k, *_ in row_tables(state) if k in tensors}
         tensors = {k: t for k, t in tensors.items() if k not in dense_rows}
+    # a paged model's cold-start buffers (router.cold_start) exist in paged saves only: a dense model ignores
+    # them (it averages over its table), a paged model loading a dense save recomputes them below
+    cold = {k for k in set(targets) ^ set(tensors) if k.endswith(COLD_START_KEY)}
+    tensors = {k: t for k, t in tensors.items() if k not in cold}
+    targets = {k: t for k, t in targets.items() if k not in cold}
     missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
     if missing or unexpected:
         raise ValueError(f"proper: {source} do not match this model's PROPER layers: missing {missing[:5]}"
@@ -198,6 +205,8 @@ def load_proper_weights(model: nn.Module, tensors: Mapping[str, Tensor], source:
         dst.copy_(tensors[k])
     if dense_rows:
         _dense_rows_into_store(state, dense_rows)
+    if cold and state.slots is not None:
+        refresh_cold_start(model)
 
 
 def _check_dense_rows(state: ProperState, rows: Dict[str, Tensor], source: str) -> None:

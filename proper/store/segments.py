@@ -306,9 +306,10 @@ class UserStore:
 
 
 def remove_unlisted(folder: os.PathLike, keep: Iterable[str]) -> None:
-    """Delete the segment files in ``folder`` that ``keep`` does not name (after a save committed)."""
+    """Delete the segment files in ``folder`` that ``keep`` does not name, and temp files that killed writes
+    left (after a save committed: its writer is the folder's only one)."""
     keep = set(keep)
-    for f in Path(folder).glob(f"*{SEGMENT_SUFFIX}"):
+    for f in [*Path(folder).glob(f"*{SEGMENT_SUFFIX}"), *Path(folder).glob(".*.tmp")]:
         if f.name not in keep:
             try:
                 f.unlink()

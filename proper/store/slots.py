@@ -336,8 +336,12 @@ class UserSlots:
         self.drop_all()
         self.rows(resident)   # same users resident, now with the restored values
 
-    def stored_or_resident(self) -> List[int]:
-        return sorted(set(self.store.user_ids()) | set(self.resident_users()))
+    def stored_users(self) -> List[int]:
+        """The users whose rows differ from their initial ones (trained or imported): the store's, once the
+        dirty slots are written back. (Not merely resident ones: what was paged in only to be read is not
+        part of it, so the set does not depend on paging.)"""
+        self.flush()
+        return self.store.user_ids()
 
     def field(self, uid: int, key: str) -> Tensor:
         """One per-user tensor row of user ``uid`` (resident, stored or initial), without paging it in."""

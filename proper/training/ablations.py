@@ -62,7 +62,7 @@ def copy_stored_router_rows(src_state, dst_state) -> List[str]:
             and any(k == dk for dk, *_ in dst_slots.tables)]
     if not keys:
         return []
-    for u in src_slots.stored_or_resident():
+    for u in src_slots.stored_users():
         dst_slots.store.put(u, {k: src_slots.field(u, k).detach().to("cpu", copy=True) for k in keys})
     return keys
 

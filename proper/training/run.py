@@ -60,6 +60,8 @@ def run_train(cfg: TrainConfig, *, model_loader: Optional[Callable[[], Tuple[Any
     model, tok = loader()
 
     resident, store = cfg.paging(len(ds))
+    if store is not None and DD.world_size() > 1:   # every rank keeps its own copy of the users
+        store = str(Path(store) / f"rank{DD.rank()}")
     ck, resume_state = resume(out / "checkpoints", model, resident_users=resident, user_store=store) \
         if cfg.resume else (None, None)
     if ck is not None:
@@ -123,7 +125,7 @@ def run_train(cfg: TrainConfig, *, model_loader: Optional[Callable[[], Tuple[Any
                "config": dataclasses.asdict(cfg), "proper_config": get_state(model).cfg.to_dict(),
                "seconds_this_session": round(time.time() - t0, 1)}
     if distributed:
-        digests = DD.gather_digests(proper_state_dict(model))
+        digests = DD.gather_digests(weights_for_digest(model))
         metrics["distributed"] = {"world_size": DD.world_size(), "backend": torch.distributed.get_backend(),
                                   "weights_sha256_per_rank": digests}
         if len(set(digests)) != 1:
@@ -148,3 +150,13 @@ def _bucket_counts(ds: D.Dataset) -> Dict[str, int]:
     return c
 
 
+def weights_for_digest(model) -> Dict[str, torch.Tensor]:
+    """Every PROPER weight, a paged model's stored users included (their records, moments too): what must be
+    identical on every data-parallel rank."""
+    out = dict(proper_state_dict(model))
+    slots = get_state(model).slots
+    if slots is not None:
+        slots.flush()
+        for u in slots.store.user_ids():
+            out.update({f"user{u}.{k}": t for k, t in slots.store.get(u).items() if k != "@epoch"})   # (per rank)
+    return out

@@ -1,5 +1,7 @@
 """SIGKILL a process that is saving, at random points, many times: the folder always loads as one complete save
-(the previous one or the new one, never neither), and leftovers of a killed save are cleaned by the next."""
+(the previous one or the new one, never neither), and leftovers of a killed save are cleaned by the next. Dense
+models and paged ones (their user store written as segment files before the commit point)."""
+import json
 import os
 import random
 import signal
@@ -9,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -29,23 +32,26 @@ CHILD = textwrap.dedent("""
             super().__init__()
             self.up_proj = nn.Linear(256, 256)
 
-    def model(gen):
-        m = proper.apply_proper(nn.Sequential(Block(), Block()), proper.ProperConfig(num_users=48, user_rank=8,
-                                                                                   target_modules=("up_proj",)))
+    def fill(m, gen):
+        state = proper.get_state(m)
         with torch.no_grad():
-            for layer in proper.proper_layers(m).values():
-                layer.user_b.fill_(float(gen))
-        return m
+            if state.slots is None:
+                for layer in state.layers.values():
+                    layer.user_b.fill_(float(gen))
+                return
+            for lo in range(0, 48, 4):   # every user, 4 slots at a time (the previous 4 are written back)
+                rows = state.user_rows(list(range(lo, lo + 4)), write=True)
+                for layer in state.layers.values():
+                    layer.user_b[rows] = float(gen)
 
-    out = sys.argv[1]
-    gen = int(sys.argv[2])
-    m = model(gen)
+    out, gen, paged = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    m = proper.apply_proper(nn.Sequential(Block(), Block()), proper.ProperConfig(
+        num_users=48, user_rank=8, target_modules=("up_proj",), resident_users=4 if paged else None))
+    fill(m, gen)
     print("ready", flush=True)
     while True:
         gen += 1
-        with torch.no_grad():
-            for layer in proper.proper_layers(m).values():
-                layer.user_b.fill_(float(gen))
+        fill(m, gen)
         proper.save_pretrained(m, out)
         print(gen, flush=True)
 """)
@@ -58,14 +64,15 @@ class Block(nn.Module):
 
 
 def _generation(folder) -> int:
-    m = proper.from_pretrained(nn.Sequential(Block(), Block()), folder)
+    m = proper.from_pretrained(nn.Sequential(Block(), Block()), folder, resident_users=None)   # every user read
     vals = {float(layer.user_b.flatten()[0]) for layer in proper.proper_layers(m).values()}
     gens = {float(v) for layer in proper.proper_layers(m).values() for v in layer.user_b.unique()}
     assert len(vals) == 1 and gens == vals, f"a save mixing generations {gens}"
     return int(vals.pop())
 
 
-def test_sigkill_during_save_always_leaves_a_loadable_save(tmp_path):
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_sigkill_during_save_always_leaves_a_loadable_save(tmp_path, paged):
     out = tmp_path / "save"
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -73,8 +80,8 @@ def test_sigkill_during_save_always_leaves_a_loadable_save(tmp_path):
     rng = random.Random(0)
     last, outcomes = 0, {"old": 0, "new": 0}
     for trial in range(TRIALS):
-        p = subprocess.Popen([sys.executable, str(script), str(out), str(last + 10_000)], stdout=subprocess.PIPE,
-                             text=True, env=env)
+        p = subprocess.Popen([sys.executable, str(script), str(out), str(last + 10_000), str(int(paged))],
+                             stdout=subprocess.PIPE, text=True, env=env)
         assert p.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.0, 0.25))
         os.kill(p.pid, signal.SIGKILL)
@@ -88,5 +95,8 @@ def test_sigkill_during_save_always_leaves_a_loadable_save(tmp_path):
     # the next save removes what killed saves left behind
     m = proper.from_pretrained(nn.Sequential(Block(), Block()), out)
     proper.save_pretrained(m, out)
-    assert sorted(os.listdir(out)) == ["proper_config.json", "proper_model.safetensors"]
+    assert sorted(os.listdir(out)) == ["proper_config.json", "proper_model.safetensors"] + (["users"] if paged else [])
+    if paged:   # only the segments the last save names are left
+        info = json.loads((out / "proper_config.json").read_text())
+        assert sorted(os.listdir(out / "users")) == sorted(info["user_store"]["segments"])
     assert torch.isfinite(proper.proper_layers(m)["0.up_proj"].user_b).all()

@@ -24,7 +24,8 @@ def test_shard_unshard_round_trip():
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run_ends_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_two_process_gloo_run_ends_with_identical_weights(tmp_path, paged):
     pytest.importorskip("proper.models")
     from proper import data as D
 
@@ -38,6 +39,9 @@ def test_two_process_gloo_run_ends_with_identical_weights(tmp_path):
            "--batch-size", "4", "--steps-population", "3", "--steps-group", "3", "--steps-user", "3",
            "--eval-every", "3", "--max-history", "4", "--dev-max", "4",
            "--ablations", "population+user", "--out", str(out), "--no-progress"]
+    if paged:   # 8 users through 4 slots: users are evicted and paged back, each rank into its own store
+        cmd[cmd.index("--max-users") + 1] = "8"
+        cmd += ["--resident-users", "4"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
@@ -48,6 +52,9 @@ def test_two_process_gloo_run_ends_with_identical_weights(tmp_path):
     for stage in ("population", "group", "user"):
         assert m["stages"][stage]["steps_run"] == 3
     assert {"proper", "population+user", "user_mean"} <= m["systems"].keys()
-    assert m["systems"]["proper"]["n"] == 8     # 4 users x 2 test ratings, scored across both ranks
+    assert m["systems"]["proper"]["n"] == (16 if paged else 8)   # 2 test ratings a user, across both ranks
+    if paged:
+        assert m["proper_config"]["resident_users"] == 4
+        assert (out / "user_store" / "rank1").is_dir()
     # rank 1 wrote nothing of its own: one summary table on stdout
     assert r.stdout.count("metrics:") == 1
