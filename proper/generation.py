@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .context import users
+from .state import get_state
 
 
 @contextlib.contextmanager
@@ -37,7 +38,8 @@ def generate_for_users(model, tokenizer, pairs: Sequence[Tuple[int, str]], *, ma
                        **generate_kwargs) -> List[str]:
     """Generate for every (user_id, prompt) pair; returns the new text of each pair, in input order.
 
-    Pairs are batched (batch_size at a time; all at once by default) with left padding, and each batch runs
+    Pairs are batched (batch_size at a time; all at once by default, at most resident_users at once for a paged
+    model, so a batch's users fit its slots) with left padding, and each batch runs
     one model.generate inside proper.users(model, ids) (-1 = no user). Greedy by default; do_sample=True samples
     with temperature / top_p / top_k, reproducibly when `seed` is given (the global RNG is left untouched).
     chat=True wraps each prompt in the tokenizer's chat template.
@@ -56,7 +58,8 @@ def generate_for_users(model, tokenizer, pairs: Sequence[Tuple[int, str]], *, ma
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"generate_for_users: argument 'batch_size' must be None (all at once) or an int >= 1, "
                          f"got {batch_size!r}")
-    bs = batch_size or len(pairs)
+    slots = get_state(model).slots
+    bs = batch_size or (len(pairs) if slots is None else min(len(pairs), slots.num_slots))
     device = next(model.parameters()).device
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
     if do_sample:
