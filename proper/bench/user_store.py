@@ -169,7 +169,7 @@ def run(rounds: int = 6, gen_rounds: int = 3) -> Dict[str, Any]:
     res["step_x_vs_paged_64"] = {k: v / ref for k, v in res["step_ms"].items()}
     # what a step pages at U = 1e6: 8 users in and 8 dirty users out, weights + Adam moments, fp32
     slots = proper.get_state(models["paged U=1000000"]["model"]).slots
-    rec_bytes = sum(t.numel() * t.element_size() for t in slots.record(0).values())
+    rec_bytes = slots.record(0).nbytes
     gbps = memcpy_gbps()
     res["paging_floor"] = {"record_mb": rec_bytes / 2 ** 20, "bytes_per_step_mb": 2 * BATCH * rec_bytes / 2 ** 20,
                            "memcpy_gb_s": gbps, "floor_ms_per_step": 2 * BATCH * rec_bytes / gbps / 1e6}

@@ -26,7 +26,7 @@ from proper_kernels import routed_lora
 from .. import context
 from ..config import ProperConfig
 from ..state import ProperState
-from ..store import initial_row
+from ..store import initial_rows
 from .routers import LoRAAwareRouter, UserAwareRouter
 
 
@@ -110,10 +110,11 @@ class ProperLinear(nn.Module):
         self.user_a = nn.Parameter(torch.zeros(U, cfg.user_rank, d_in, **z))
         self.user_b = nn.Parameter(torch.zeros(U, d_out, cfg.user_rank, **z))
         if not cfg.paged:   # every user's initial rows now (a paged model creates them when it pages users in)
-            for u in range(U):
-                initial_row(state, name, "user_a", u, self.user_a[u])
+            with torch.no_grad():
+                self.user_a.copy_(initial_rows(state, name, "user_a", range(U), self.user_a))
                 if K:
-                    initial_row(state, name, "router.embedding.weight", u, self.router.embedding.weight[u])
+                    w = self.router.embedding.weight
+                    w.copy_(initial_rows(state, name, "router.embedding.weight", range(U), w))
         self.register_buffer("user_ranks", torch.full((U,), cfg.user_rank, dtype=torch.int64, device=dev))
         self.register_buffer("user_scale", torch.full((U,), cfg.user_scale, dtype=torch.float32, device=dev))
         if cfg.lora_router:

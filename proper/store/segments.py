@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import atomic_write, atomic_write_json, fsync_dir
+from .records import DTYPES, Record, RecordLayout, layout_of
 
 SEGMENT_FORMAT = "proper-user-segment"
 SEGMENT_VERSION = 1
@@ -40,18 +41,10 @@ MANIFEST = "manifest.json"
 #: default size of the in-memory overlay of a folder store before it is spilled into a segment
 SPILL_BYTES = 1 << 30
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64}
-_NAMES = {v: k for k, v in _DTYPES.items()}
-
-Record = Dict[str, Tensor]
 
 
 class StoreError(ValueError):
     """A store file is missing, truncated, damaged or not ours."""
-
-
-def record_nbytes(rec: Record) -> int:
-    return sum(t.numel() * t.element_size() for t in rec.values())
 
 
 class Segment:
@@ -82,8 +75,12 @@ class Segment:
             self.users: List[int] = [int(u) for u in head["users"]]
             self.crc: List[int] = [int(c) for c in head["crc32"]]
             self.record_bytes = int(head["record_bytes"])
-            self.fields = [(str(k), _DTYPES[d], tuple(int(s) for s in shape), int(off))
-                           for k, d, shape, off in head["fields"]]
+            self.layout: RecordLayout = layout_of([(str(k), DTYPES[d], tuple(int(s) for s in shape))
+                                                   for k, d, shape, _ in head["fields"]])
+            if self.layout.header() != [[str(k), d, [int(x) for x in shape], int(off)]
+                                        for k, d, shape, off in head["fields"]] \
+                    or self.layout.record_bytes != self.record_bytes:
+                raise ValueError("field offsets do not match their dtypes and shapes")
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"proper user store: {self.path} has a damaged header ({type(e).__name__}: {e})") from None
         self.data_offset = _aligned(8 + n)
@@ -91,7 +88,7 @@ class Segment:
         if size != want or len(self.crc) != len(self.users):
             raise StoreError(f"proper user store: {self.path} is truncated or damaged: {size} bytes, its header "
                              f"describes {want} ({len(self.users)} records of {self.record_bytes} bytes)")
-        self.keys = frozenset(k for k, *_ in self.fields)
+        self.keys = self.layout.keys
         self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None   # keeps the inode alive
 
     def read(self, row: int) -> Record:
@@ -101,16 +98,13 @@ class Segment:
         if zlib.crc32(buf) != self.crc[row]:
             raise StoreError(f"proper user store: user {self.users[row]}'s record in {self.path} is corrupt (CRC "
                              f"mismatch)")
-        return _unpack(buf, self.fields)
+        return Record(self.layout, _as_tensor(buf))
 
     def read_field(self, row: int, key: str) -> Tensor:
         """One field of one record (not CRC-checked: a partial read), as a fresh tensor."""
-        for k, dt, shape, foff in self.fields:
-            if k == key:
-                n = _numel(shape) * _itemsize(dt)
-                off = self.data_offset + row * self.record_bytes + foff
-                return torch.frombuffer(bytearray(self._mm[off: off + n]), dtype=dt).reshape(shape)
-        raise KeyError(key)
+        _, dt, shape, foff, n = self.layout.index[key]
+        off = self.data_offset + row * self.record_bytes + foff
+        return _as_tensor(bytearray(self._mm[off: off + n])).view(dt).reshape(shape)
 
     @property
     def nbytes(self) -> int:
@@ -118,32 +112,14 @@ class Segment:
 
 
 def write_segment(folder: Path, items: List[Tuple[int, Record]]) -> str:
-    """Write ``items`` (records with the same keys, shapes and dtypes) as a new segment in ``folder``, atomically;
-    returns its file name."""
-    keys = list(items[0][1])
-    fields, off = [], 0
-    for k in keys:
-        t = items[0][1][k]
-        fields.append([k, _NAMES[t.dtype], list(t.shape), off])
-        off = _aligned(off + t.numel() * t.element_size(), 8)
-    record_bytes = off
-    users, crcs, blobs = [], [], []
-    for uid, rec in items:
-        if list(rec) != keys:
-            raise ValueError("write_segment: records of one segment must have the same keys")
-        buf = bytearray(record_bytes)
-        for k, dt, shape, foff in fields:
-            t = rec[k]
-            if list(t.shape) != shape or _NAMES[t.dtype] != dt:
-                raise ValueError(f"write_segment: field {k!r} of user {uid} is {tuple(t.shape)} {t.dtype}, the "
-                                 f"segment's is {tuple(shape)} {dt}")
-            b = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
-            buf[foff: foff + len(b)] = b
-        users.append(int(uid))
-        crcs.append(zlib.crc32(buf))
-        blobs.append(buf)
-    head = json.dumps({"format": SEGMENT_FORMAT, "version": SEGMENT_VERSION, "users": users, "crc32": crcs,
-                       "record_bytes": record_bytes, "fields": fields}).encode()
+    """Write ``items`` (records of one layout) as a new segment in ``folder``, atomically; returns its name."""
+    layout = items[0][1].layout
+    if any(r.layout is not layout for _, r in items):
+        raise ValueError("write_segment: records of one segment must have one layout")
+    blobs = [r.buf.contiguous().numpy().tobytes() for _, r in items]
+    head = json.dumps({"format": SEGMENT_FORMAT, "version": SEGMENT_VERSION, "users": [int(u) for u, _ in items],
+                       "crc32": [zlib.crc32(b) for b in blobs], "record_bytes": layout.record_bytes,
+                       "fields": layout.header()}).encode()
     name = f"{uuid.uuid4().hex}{SEGMENT_SUFFIX}"
 
     def write(tmp: str) -> None:
@@ -193,19 +169,22 @@ class UserStore:
     def get_field(self, uid: int, key: str) -> Optional[Tensor]:
         rec = self._overlay.get(uid)
         if rec is not None:
-            return rec.get(key)
+            return rec[key] if key in rec else None
         hit = self._index.get(uid)
         if hit is None or key not in hit[0].keys:
             return None
         return hit[0].read_field(hit[1], key)
 
     # ------------------------------------------------------------------------------------------ writing
-    def put(self, uid: int, rec: Record) -> None:
+    def put(self, uid: int, rec) -> None:
+        """Store ``rec`` (a Record, or a mapping key -> tensor, copied) as user ``uid``'s newest record."""
+        if not isinstance(rec, Record):
+            rec = Record.from_tensors(rec)
         old = self._overlay.get(uid)
         if old is not None:
-            self._overlay_bytes -= record_nbytes(old)
+            self._overlay_bytes -= old.nbytes
         self._overlay[uid] = rec
-        self._overlay_bytes += record_nbytes(rec)
+        self._overlay_bytes += rec.nbytes
         if self.folder is not None and self._overlay_bytes >= self.spill_bytes:
             self.spill()
 
@@ -240,11 +219,10 @@ class UserStore:
         return self._live_segments()
 
     def _write_overlay(self, folder: Path) -> None:
-        groups: Dict[tuple, List[Tuple[int, Record]]] = {}
+        groups: Dict[int, List[Tuple[int, Record]]] = {}
         for uid in sorted(self._overlay):
             rec = self._overlay[uid]
-            sig = tuple((k, t.dtype, tuple(t.shape)) for k, t in rec.items())
-            groups.setdefault(sig, []).append((uid, rec))
+            groups.setdefault(id(rec.layout), []).append((uid, rec))   # layouts are interned
         for items in groups.values():
             name = write_segment(folder, items)
             self._add(Segment(Path(folder) / name))
@@ -340,24 +318,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def _unpack(buf: bytearray, fields) -> Record:
-    raw = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.zeros(0, dtype=torch.uint8)
-    out = {}
-    for k, dt, shape, off in fields:
-        n = _numel(shape) * _itemsize(dt)
-        out[k] = raw[off: off + n].view(dt).reshape(shape)
-    return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _itemsize(dt: torch.dtype) -> int:
-    return torch.empty((), dtype=dt).element_size()
+def _as_tensor(buf: bytearray) -> Tensor:
+    return torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.zeros(0, dtype=torch.uint8)
 
 
 def _aligned(n: int, to: int = 64) -> int:

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from .init import init_router_row, init_user_a
-from .segments import Record, UserStore
+from .records import Record, layout_of
+from .segments import UserStore
 
 if TYPE_CHECKING:
     from ..state import ProperState
@@ -54,6 +55,23 @@ def row_tables(state: "ProperState") -> List[Tuple[str, str, str, Tensor]]:
         ts = layer.adapter_tensors()
         out += [(f"{name}.{k}", name, k, ts[k]) for k in ROW_KEYS if k in ts]
     return out
+
+
+def initial_rows(state: "ProperState", layer: str, key: str, uids: Sequence[int], like: Tensor) -> Tensor:
+    """[len(uids), *like.shape[1:]] initial rows of one per-user table (``like``) for the users ``uids``, on the
+    table's device and dtype."""
+    cfg = state.cfg
+    shape = (len(uids), *like.shape[1:])
+    if key == "user_ranks":
+        return torch.full(shape, cfg.user_rank, dtype=like.dtype, device=like.device)
+    if key == "user_scale":
+        return torch.full(shape, cfg.user_scale, dtype=like.dtype, device=like.device)
+    if key not in ("user_a", "router.embedding.weight"):
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)   # user_b: LoRA's B starts at zero
+    out = torch.empty(shape, dtype=torch.float32)
+    for i, u in enumerate(uids):
+        initial_row(state, layer, key, int(u), out[i])
+    return out.to(device=like.device, dtype=like.dtype)
 
 
 def initial_row(state: "ProperState", layer: str, key: str, uid: int, out: Tensor) -> Tensor:
@@ -107,8 +125,10 @@ class UserSlots:
         missing = [u for u in need if u not in self.slot_of]
         if missing:
             self._make_room(need, len(missing))
-            for u in missing:
-                self._page_in(u, self._free_slot(need))
+            free = [s for s, u in enumerate(self.user_of) if u < 0][: len(missing)]
+            victims = self._evictable(set(need))[: len(missing) - len(free)]
+            self._evict(victims)
+            self._page_in(missing, free + victims)
         for u in need:
             self.lru.move_to_end(self.slot_of[u])
         out = [self.slot_of[u] if u >= 0 else -1 for u in user_ids]
@@ -160,38 +180,46 @@ class UserSlots:
                 f"users of one optimizer step, step the optimizer from proper.make_optimizer (other optimizers "
                 f"do not release slots), or run inference under torch.no_grad()")
 
-    def _free_slot(self, keep: List[int]) -> int:
-        if len(self.lru) < self.num_slots:
-            return self.user_of.index(-1)
-        victim = self._evictable(set(keep))[0]
-        self._evict(victim)
-        return victim
+    def _evict(self, slots: List[int]) -> None:
+        self._write_back([s for s in slots if s in self.dirty])
+        for s in slots:
+            del self.slot_of[self.user_of[s]]
+            self.user_of[s] = -1
+            del self.lru[s]
+            self.stored_keys.pop(s, None)
 
-    def _evict(self, slot: int) -> None:
-        if slot in self.dirty:
-            self._write_back(slot)
-        del self.slot_of[self.user_of[slot]]
-        self.user_of[slot] = -1
-        del self.lru[slot]
+    def _index(self, slots: Sequence[int], like: Tensor) -> Tensor:
+        return torch.tensor(list(slots), dtype=torch.int64, device=like.device)
 
     @torch.no_grad()
-    def _page_in(self, uid: int, slot: int) -> None:
-        rec = self.store.get(uid)
-        self.stored_keys[slot] = frozenset(rec) if rec is not None else frozenset()
+    def _page_in(self, uids: List[int], slots: List[int]) -> None:
+        """Bring users ``uids`` into the free ``slots``: one copy per table for all of them (stored users from
+        their records, grouped by record layout; new users from their seeded initial rows)."""
+        recs = [self.store.get(u) for u in uids]
+        groups: Dict[int, tuple] = {}            # layout id -> (layout, positions, stacked buffers)
+        for i, r in enumerate(recs):
+            if r is not None:
+                groups.setdefault(id(r.layout), (r.layout, []))[1].append(i)
+        groups = {k: (lay, pos, torch.stack([recs[i].buf for i in pos])) for k, (lay, pos) in groups.items()}
         for key, layer, local, t in self.tables:
-            if rec is not None and key in rec:
-                t[slot].copy_(rec[key])
-            else:
-                initial_row(self.state, layer, local, uid, t[slot])
-        self._load_moments(slot, rec)
-        self.user_of[slot] = uid
-        self.slot_of[uid] = slot
-        self.lru[slot] = None
-        self.lru.move_to_end(slot)
-        self.page_ins += 1
+            fresh = [i for i, r in enumerate(recs) if r is None or key not in r]
+            for lay, pos, buf in groups.values():
+                if key in lay.keys:
+                    t.index_copy_(0, self._index([slots[i] for i in pos], t), lay.view(buf, key).to(t.device, t.dtype))
+            if fresh:
+                t.index_copy_(0, self._index([slots[i] for i in fresh], t),
+                              initial_rows(self.state, layer, local, [uids[i] for i in fresh], t))
+        self._load_moments(slots, recs, groups)
+        for u, s, r in zip(uids, slots, recs):
+            self.user_of[s] = u
+            self.slot_of[u] = s
+            self.lru[s] = None
+            self.lru.move_to_end(s)
+            self.stored_keys[s] = r.layout.keys if r is not None else frozenset()
+        self.page_ins += len(uids)
 
     def _moment_tables(self):
-        """(record key, table, its optimizer state dict) for every trained table the attached optimizer holds."""
+        """(record key, its optimizer state dict) for every trained table the attached optimizer holds."""
         opt = None if self._optimizer is None else self._optimizer()
         if opt is None:
             return []
@@ -203,51 +231,85 @@ class UserSlots:
         return out
 
     @torch.no_grad()
-    def _load_moments(self, slot: int, rec: Optional[Record]) -> None:
-        ok = rec is not None and _EPOCH in rec and int(rec[_EPOCH]) == self.epoch
-        for key, st in self._moment_tables():
-            for m in (*_MOMENTS, "step"):
-                if m in st:
-                    src = rec.get(f"{key}@{m}") if ok else None
-                    if src is None:
-                        st[m][slot].zero_()
-                    else:
-                        st[m][slot].copy_(src)
-
-    @torch.no_grad()
-    def record(self, slot: int) -> Record:
-        """The store record of the user in ``slot``: its rows (and moment rows) as CPU tensors. Only the fields
-        that can differ from the user's initial rows are kept: those its stored record had, those being trained
-        (requires_grad) and, after an import, all; a group-stage record is then just the router rows."""
-        dt = torch.bfloat16 if self.state.cfg.store_dtype == "bfloat16" else torch.float32
-        had = self.stored_keys.get(slot, frozenset())
-        whole = slot in self.whole
-        rec = {}
-        for key, _, local, t in self.tables:
-            if whole or key in had or t.requires_grad:
-                rec[key] = _stored(t[slot], dt, local == "user_scale")
+    def _load_moments(self, slots: List[int], recs: List[Optional[Record]], groups=None) -> None:
+        """The moment rows of ``slots`` from their records when those carry this optimizer's epoch, else zero."""
         moments = self._moment_tables()
+        if not moments:
+            return
+        if groups is None:
+            groups = {}
+            for i, r in enumerate(recs):
+                if r is not None:
+                    groups.setdefault(id(r.layout), (r.layout, []))[1].append(i)
+            groups = {k: (lay, pos, torch.stack([recs[i].buf for i in pos])) for k, (lay, pos) in groups.items()}
+        current = []                              # (layout, positions, buffers) of records with this epoch
+        for lay, pos, buf in groups.values():
+            if _EPOCH in lay.keys:
+                ok = (lay.view(buf, _EPOCH) == self.epoch).tolist()
+                keep = [j for j, v in enumerate(ok) if v]
+                if keep:
+                    current.append((lay, [pos[j] for j in keep], buf[keep]))
         for key, st in moments:
             for m in (*_MOMENTS, "step"):
-                if m in st:
-                    rec[f"{key}@{m}"] = _stored(st[m][slot], dt, m == "step")
-        if moments:
-            rec[_EPOCH] = torch.tensor(self.epoch, dtype=torch.int64)
-        return rec
+                if m not in st:
+                    continue
+                dst, k = st[m], f"{key}@{m}"
+                loaded = set()
+                for lay, pos, buf in current:
+                    if k in lay.keys:
+                        dst.index_copy_(0, self._index([slots[i] for i in pos], dst), lay.view(buf, k).to(dst.device, dst.dtype))
+                        loaded.update(pos)
+                rest = [slots[i] for i in range(len(slots)) if i not in loaded]
+                if rest:
+                    dst.index_fill_(0, self._index(rest, dst), 0)
 
-    def _write_back(self, slot: int) -> None:
-        rec = self.record(slot)
-        self.store.put(self.user_of[slot], rec)
-        self.stored_keys[slot] = frozenset(rec)
-        self.dirty.discard(slot)
-        self.whole.discard(slot)
-        self.write_backs += 1
+    @torch.no_grad()
+    def records(self, slots: Sequence[int]) -> List[Record]:
+        """The store records of the users in ``slots``: one gather per table for all of them, then one copy per
+        user. Only the fields that can differ from a user's initial rows are kept: those its stored record had,
+        those being trained (requires_grad) and, after an import, all (a group-stage record is the router rows),
+        plus the attached optimizer's moment rows and epoch. Floats in store_dtype (scales and step counts fp32)."""
+        dt = torch.bfloat16 if self.state.cfg.store_dtype == "bfloat16" else torch.float32
+        moments = self._moment_tables()
+        by_keys: Dict[tuple, List[int]] = {}
+        for s in slots:
+            had, whole = self.stored_keys.get(s, frozenset()), s in self.whole
+            keys = tuple(k for k, _, _, t in self.tables if whole or k in had or t.requires_grad)
+            by_keys.setdefault(keys, []).append(s)
+        out: Dict[int, Record] = {}
+        for keys, ss in by_keys.items():
+            chosen = set(keys)
+            srcs = [(k, t, local == "user_scale") for k, _, local, t in self.tables if k in chosen]
+            srcs += [(f"{k}@{m}", st[m], m == "step") for k, st in moments for m in (*_MOMENTS, "step") if m in st]
+            fields = [(k, _stored_dtype(t, dt, exact), tuple(t.shape[1:])) for k, t, exact in srcs]
+            if moments:
+                fields.append((_EPOCH, torch.int64, ()))
+            lay = layout_of(fields)
+            buf = torch.zeros(len(ss), lay.record_bytes, dtype=torch.uint8)
+            for k, t, _ in srcs:
+                lay.view(buf, k).copy_(t.detach().index_select(0, self._index(ss, t)))
+            if moments:
+                lay.view(buf, _EPOCH).fill_(self.epoch)
+            for i, s in enumerate(ss):
+                out[s] = Record(lay, buf[i].clone())
+        return [out[s] for s in slots]
+
+    def record(self, slot: int) -> Record:
+        return self.records([slot])[0]
+
+    def _write_back(self, slots: List[int]) -> None:
+        if not slots:
+            return
+        for s, rec in zip(slots, self.records(slots)):
+            self.store.put(self.user_of[s], rec)
+            self.stored_keys[s] = rec.layout.keys
+            self.dirty.discard(s)
+            self.whole.discard(s)
+        self.write_backs += len(slots)
 
     def flush(self) -> None:
         """Write every dirty slot back to the store (the slots stay resident)."""
-        for s in sorted(self.dirty):
-            if self.user_of[s] >= 0:
-                self._write_back(s)
+        self._write_back(sorted(s for s in self.dirty if self.user_of[s] >= 0))
         self.dirty.clear()
 
     def drop_all(self) -> None:
@@ -314,9 +376,8 @@ class UserSlots:
         self._optimizer = weakref.ref(opt)
         self.epoch = uuid.uuid4().int >> 65 if epoch is None else int(epoch)
         opt.create_row_state()
-        for s, u in enumerate(self.user_of):   # resident users take their moments of this epoch (if any)
-            if u >= 0:
-                self._load_moments(s, self.store.get(u) if u in self.store else None)
+        resident = [s for s, u in enumerate(self.user_of) if u >= 0]   # they take their moments of this epoch
+        self._load_moments(resident, [self.store.get(self.user_of[s]) for s in resident])
 
     def optimizer(self):
         return None if self._optimizer is None else self._optimizer()
@@ -357,9 +418,8 @@ class UserSlots:
         return initial_row(self.state, layer, local, uid, torch.empty_like(t[0]))
 
 
-def _stored(t: Tensor, float_dtype: torch.dtype, exact_fp32: bool) -> Tensor:
-    """A CPU copy of one row for the store: floats in the store dtype (fp32 for scales and step counts)."""
-    t = t.detach()
+def _stored_dtype(t: Tensor, float_dtype: torch.dtype, exact_fp32: bool) -> torch.dtype:
+    """A row's dtype in the store: floats in the store dtype (fp32 for scales and step counts)."""
     if t.is_floating_point():
-        t = t.to(torch.float32 if exact_fp32 else float_dtype)
-    return t.to("cpu", copy=True).contiguous()
+        return torch.float32 if exact_fp32 else float_dtype
+    return t.dtype
