@@ -107,7 +107,8 @@ class ProperConfig:
                 raise ValueError(f"ProperConfig: '{name}' must be {what}, got {v!r}")
         if isinstance(self.user_init_seed, bool) or not isinstance(self.user_init_seed, int) \
                 or not 0 <= self.user_init_seed < 2 ** 63:
-            raise ValueError(f"ProperConfig: 'user_init_seed' must be an int in [0, 2**63), got {self.user_init_seed!r}")
+            raise ValueError(f"ProperConfig: 'user_init_seed' must be an int in [0, 2**63), got "
+                             f"{self.user_init_seed!r}")
         S = self.resident_users
         if S is not None and (isinstance(S, bool) or not isinstance(S, int) or not 1 <= S <= self.num_users):
             raise ValueError(f"ProperConfig: 'resident_users' must be None (all users resident) or an int in "

@@ -10,7 +10,7 @@ A segment file is: 8 bytes (little-endian header length), a JSON header (format 
 ``[key, dtype, shape, offset]``, bytes per record, CRC-32 of every record), zero padding to 64 bytes, then one
 fixed-size record per user. Nothing is unpickled; a truncated file, a damaged header or a record whose CRC does
 not match raises :class:`StoreError` naming the file (and the user). Records are read through a read-only
-``numpy.memmap``, so opening a store reads headers only, and paging a user in reads that user's bytes only.
+``mmap``, so opening a store reads headers only, and paging a user in reads that user's bytes only.
 
 ``folder=None``: the overlay lives in memory until a save writes it as a segment into the checkpoint (the store
 then reads those users from the checkpoint's files, and the memory is freed). ``folder=PATH``: the overlay is
@@ -20,6 +20,7 @@ names PATH's segments.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import uuid
@@ -27,7 +28,6 @@ import zlib
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -89,12 +89,13 @@ class Segment:
             raise StoreError(f"proper user store: {self.path} is truncated or damaged: {size} bytes, its header "
                              f"describes {want} ({len(self.users)} records of {self.record_bytes} bytes)")
         self.keys = self.layout.keys
-        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None   # keeps the inode alive
+        with open(self.path, "rb") as f:   # the map keeps the inode alive if the file is moved or deleted
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
 
     def read(self, row: int) -> Record:
         """The record in ``row``, CRC-checked, as fresh tensors."""
         off = self.data_offset + row * self.record_bytes
-        buf = bytearray(self._mm[off: off + self.record_bytes])
+        buf = self._bytes(off, self.record_bytes)
         if zlib.crc32(buf) != self.crc[row]:
             raise StoreError(f"proper user store: user {self.users[row]}'s record in {self.path} is corrupt (CRC "
                              f"mismatch)")
@@ -103,12 +104,37 @@ class Segment:
     def read_field(self, row: int, key: str) -> Tensor:
         """One field of one record (not CRC-checked: a partial read), as a fresh tensor."""
         _, dt, shape, foff, n = self.layout.index[key]
-        off = self.data_offset + row * self.record_bytes + foff
-        return _as_tensor(bytearray(self._mm[off: off + n])).view(dt).reshape(shape)
+        return _as_tensor(self._bytes(self.data_offset + row * self.record_bytes + foff, n)).view(dt).reshape(shape)
+
+    def _bytes(self, off: int, n: int) -> bytearray:
+        """A copy of bytes [off, off + n) of the file. The mapped pages are dropped from this process right after
+        (MADV_DONTNEED; the file stays in the page cache), so reading every user once does not leave the whole
+        store counted in the process's resident set."""
+        buf = bytearray(memoryview(self._mm)[off: off + n])
+        start = off // mmap.PAGESIZE * mmap.PAGESIZE
+        if hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_DONTNEED") and n:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, off + n - start)
+        return buf
 
     @property
     def nbytes(self) -> int:
         return self.data_offset + len(self.users) * self.record_bytes
+
+    def copy_to(self, dst: Path) -> None:
+        """Put this segment at ``dst``: a hard link, else a file copy, else (its file was moved or deleted since
+        it was opened, e.g. a renamed checkpoint folder) its bytes from the open memmap; atomically."""
+        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            try:
+                os.link(self.path, tmp)
+            except OSError:
+                shutil.copyfile(self.path, tmp)
+            os.replace(tmp, dst)
+        except OSError:
+            if tmp.exists():
+                tmp.unlink()
+            atomic_write(dst, lambda t: Path(t).write_bytes(self._bytes(0, self.nbytes) if self._mm is not None
+                                                            else b""))
 
 
 def write_segment(folder: Path, items: List[Tuple[int, Record]]) -> str:
@@ -203,16 +229,14 @@ class UserStore:
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         for name in self._live_segments():
-            seg = self._segments[name]
-            target = dest / name
-            if not target.exists():
-                _link_or_copy(seg.path, target)
+            if not (dest / name).exists():
+                self._segments[name].copy_to(dest / name)
         if self._overlay:
             self._write_overlay(dest if self.folder is None else self.folder)
             if self.folder is not None:
                 for name in self._live_segments():
                     if not (dest / name).exists():
-                        _link_or_copy(self._segments[name].path, dest / name)
+                        self._segments[name].copy_to(dest / name)
                 atomic_write_json(self.folder / MANIFEST, {"format": SEGMENT_FORMAT,
                                                            "segments": self._live_segments()})
         fsync_dir(dest)
@@ -266,7 +290,7 @@ class UserStore:
             return
         for n in names:
             if not (self.folder / n).exists():
-                _link_or_copy(Path(folder) / n, self.folder / n)
+                Segment(Path(folder) / n).copy_to(self.folder / n)
         self._bind(self.folder, names)
         atomic_write_json(self.folder / MANIFEST, {"format": SEGMENT_FORMAT, "segments": self._live_segments()})
 
@@ -307,15 +331,6 @@ def _read_manifest(folder: Path) -> List[str]:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise StoreError(f"proper user store: {f} is damaged or not a user store manifest ({e})") from None
     return names
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def _as_tensor(buf: bytearray) -> Tensor:

@@ -257,7 +257,8 @@ class UserSlots:
                 loaded = set()
                 for lay, pos, buf in current:
                     if k in lay.keys:
-                        dst.index_copy_(0, self._index([slots[i] for i in pos], dst), lay.view(buf, k).to(dst.device, dst.dtype))
+                        dst.index_copy_(0, self._index([slots[i] for i in pos], dst),
+                                        lay.view(buf, k).to(dst.device, dst.dtype))
                         loaded.update(pos)
                 rest = [slots[i] for i in range(len(slots)) if i not in loaded]
                 if rest:

@@ -3,6 +3,7 @@ only when its data is seen, lazy = eager initialisation, write-back on eviction,
 crash-safe saves, corrupt files named, dense <-> paged saves, imports into the store, the trainer through slots."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -97,19 +98,18 @@ def test_absent_user_is_bit_identical():
     m = build(3)
     opt = proper.make_optimizer(m, lr=1e-2)
     x = torch.randint(0, 60, (2, 6), generator=torch.Generator().manual_seed(3))
-    for ids in ([9, 1], [9, 2]):                    # user 9 trains, then is absent
-        with proper.users(m, ids):
-            loss = m(x).logits.pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+
+    def steps(*batches):
+        for ids in batches:
+            with proper.users(m, ids):
+                loss = m(x).logits.pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    steps([9, 1], [9, 2])                           # user 9 trains, then is absent
     before = rows_of(m, 9)
-    for ids in ([1, 2], [4, 5], [6, 2], [1, 4]):    # evicts 9 (write-back), then other users train
-        with proper.users(m, ids):
-            loss = m(x).logits.pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    steps([1, 2], [4, 5], [6, 2], [1, 4])           # evicts 9 (write-back), then other users train
     after = rows_of(m, 9)
     for k in before:
         assert torch.equal(before[k], after[k]), k
@@ -127,7 +127,8 @@ def test_eviction_writes_back_and_moments_follow_the_user():
     slots = proper.get_state(m).slots
     s5 = slots.slot_of[5]
     trained = rows_of(m, 5)
-    moment = {k: v[s5].clone() for k, v in opt.state[proper.proper_layers(m)["model.layers.0.mlp.up_proj"].user_b].items()}
+    up_b = proper.proper_layers(m)["model.layers.0.mlp.up_proj"].user_b
+    moment = {k: v[s5].clone() for k, v in opt.state[up_b].items()}
     with torch.no_grad():
         for u in (6, 7):                            # two other users take both slots: 5 is evicted
             with proper.users(m, [u]):
@@ -136,7 +137,7 @@ def test_eviction_writes_back_and_moments_follow_the_user():
     back = rows_of(m, 5)
     for k in trained:
         assert torch.equal(trained[k], back[k]), k
-    st = opt.state[proper.proper_layers(m)["model.layers.0.mlp.up_proj"].user_b]
+    st = opt.state[up_b]
     s = slots.slot_of[5]
     for k, v in moment.items():
         assert torch.equal(st[k][s], v), k
@@ -326,3 +327,16 @@ def test_optimizer_state_dict_round_trip_paged(tmp_path):
         loss.backward()
         opt2.step()
     torch.testing.assert_close(user_logits(m2), user_logits(ref))
+
+
+def test_memory_store_survives_its_checkpoint_folder_moving(tmp_path):
+    """A memory store reads saved users from the save's segment files; the trainer renames checkpoint folders
+    into place and deletes old ones: later saves still find every user (from the open memmaps)."""
+    m = build(3)
+    train(m, batches(4))
+    proper.save_pretrained(m, tmp_path / "tmp")
+    os.replace(tmp_path / "tmp", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "moved")
+    want = user_logits(m)
+    proper.save_pretrained(m, tmp_path / "again")
+    torch.testing.assert_close(user_logits(proper.from_pretrained(tiny_llama(seed=0), tmp_path / "again")), want)
