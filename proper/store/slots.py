@@ -390,10 +390,9 @@ class UserSlots:
         return self.store.snapshot()
 
     def restore(self, snap: tuple) -> None:
-        self.store.restore(snap)
-        pinned = [u for s, u in enumerate(self.user_of) if u >= 0 and self.pins[s]]
-        if pinned:
+        if any(self.pins):
             raise RuntimeError("proper: cannot restore the users while a users() block is open")
+        self.store.restore(snap)
         resident = self.resident_users()
         self.drop_all()
         self.rows(resident)   # same users resident, now with the restored values
