@@ -106,6 +106,8 @@ class UserSlots:
         self.stored_keys: Dict[int, frozenset] = {}           # slot -> fields its user's stored record has
         self._tables: Optional[list] = None
         self._by_key: Optional[dict] = None
+        self._stage: Optional[Tensor] = None                  # page-in staging buffer (see _grouped)
+        self._stage_out: Optional[Tensor] = None              # write-back gather buffer (see records)
         self._optimizer = None                                # weakref to the attached ProperAdamW
         self.epoch = 0
         self.page_ins = 0
@@ -196,11 +198,7 @@ class UserSlots:
         """Bring users ``uids`` into the free ``slots``: one copy per table for all of them (stored users from
         their records, grouped by record layout; new users from their seeded initial rows)."""
         recs = [self.store.get(u) for u in uids]
-        groups: Dict[int, tuple] = {}            # layout id -> (layout, positions, stacked buffers)
-        for i, r in enumerate(recs):
-            if r is not None:
-                groups.setdefault(id(r.layout), (r.layout, []))[1].append(i)
-        groups = {k: (lay, pos, torch.stack([recs[i].buf for i in pos])) for k, (lay, pos) in groups.items()}
+        groups = self._grouped(recs)
         for key, layer, local, t in self.tables:
             fresh = [i for i, r in enumerate(recs) if r is None or key not in r]
             for lay, pos, buf in groups.values():
@@ -217,6 +215,26 @@ class UserSlots:
             self.lru.move_to_end(s)
             self.stored_keys[s] = r.layout.keys if r is not None else frozenset()
         self.page_ins += len(uids)
+
+    def _grouped(self, recs: List[Optional[Record]]) -> Dict[int, tuple]:
+        """{layout id: (layout, positions in recs, [n, record_bytes] stacked buffers)} of the stored records. The
+        stack goes into one staging buffer kept across calls (grown to the largest page-in seen, at most
+        resident_users records): a fresh buffer of that size would cost more in page faults than the copy."""
+        pos_of: Dict[int, tuple] = {}
+        for i, r in enumerate(recs):
+            if r is not None:
+                pos_of.setdefault(id(r.layout), (r.layout, []))[1].append(i)
+        need = sum(lay.record_bytes * len(pos) for lay, pos in pos_of.values())
+        if self._stage is None or self._stage.numel() < need:
+            self._stage = torch.empty(need, dtype=torch.uint8)
+        out, off = {}, 0
+        for k, (lay, pos) in pos_of.items():
+            n = lay.record_bytes * len(pos)
+            buf = self._stage[off: off + n].view(len(pos), lay.record_bytes)
+            torch.stack([recs[i].buf for i in pos], out=buf)
+            out[k] = (lay, pos, buf)
+            off += n
+        return out
 
     def _moment_tables(self):
         """(record key, its optimizer state dict) for every trained table the attached optimizer holds."""
@@ -237,28 +255,25 @@ class UserSlots:
         if not moments:
             return
         if groups is None:
-            groups = {}
-            for i, r in enumerate(recs):
-                if r is not None:
-                    groups.setdefault(id(r.layout), (r.layout, []))[1].append(i)
-            groups = {k: (lay, pos, torch.stack([recs[i].buf for i in pos])) for k, (lay, pos) in groups.items()}
-        current = []                              # (layout, positions, buffers) of records with this epoch
+            groups = self._grouped(recs)
+        current = []                   # (layout, positions, buffers, rows of them) of records with this epoch
         for lay, pos, buf in groups.values():
             if _EPOCH in lay.keys:
                 ok = (lay.view(buf, _EPOCH) == self.epoch).tolist()
                 keep = [j for j, v in enumerate(ok) if v]
                 if keep:
-                    current.append((lay, [pos[j] for j in keep], buf[keep]))
+                    current.append((lay, [pos[j] for j in keep], buf, None if len(keep) == len(pos) else
+                                    torch.tensor(keep)))
         for key, st in moments:
             for m in (*_MOMENTS, "step"):
                 if m not in st:
                     continue
                 dst, k = st[m], f"{key}@{m}"
                 loaded = set()
-                for lay, pos, buf in current:
+                for lay, pos, buf, rows in current:
                     if k in lay.keys:
-                        dst.index_copy_(0, self._index([slots[i] for i in pos], dst),
-                                        lay.view(buf, k).to(dst.device, dst.dtype))
+                        src = lay.view(buf, k) if rows is None else lay.view(buf, k).index_select(0, rows)
+                        dst.index_copy_(0, self._index([slots[i] for i in pos], dst), src.to(dst.device, dst.dtype))
                         loaded.update(pos)
                 rest = [slots[i] for i in range(len(slots)) if i not in loaded]
                 if rest:
@@ -266,8 +281,8 @@ class UserSlots:
 
     @torch.no_grad()
     def records(self, slots: Sequence[int]) -> List[Record]:
-        """The store records of the users in ``slots``: one gather per table for all of them, then one copy per
-        user. Only the fields that can differ from a user's initial rows are kept: those its stored record had,
+        """The store records of the users in ``slots``: one gather per table for all of them (into a buffer kept
+        across calls), then one copy per user. Only the fields that can differ from a user's initial rows are kept: those its stored record had,
         those being trained (requires_grad) and, after an import, all (a group-stage record is the router rows),
         plus the attached optimizer's moment rows and epoch. Floats in store_dtype (scales and step counts fp32)."""
         dt = torch.bfloat16 if self.state.cfg.store_dtype == "bfloat16" else torch.float32
@@ -286,7 +301,10 @@ class UserSlots:
             if moments:
                 fields.append((_EPOCH, torch.int64, ()))
             lay = layout_of(fields)
-            buf = torch.zeros(len(ss), lay.record_bytes, dtype=torch.uint8)
+            need = len(ss) * lay.record_bytes
+            if self._stage_out is None or self._stage_out.numel() < need:
+                self._stage_out = torch.empty(need, dtype=torch.uint8)
+            buf = self._stage_out[:need].view(len(ss), lay.record_bytes).zero_()   # (padding bytes stay zero)
             for k, t, _ in srcs:
                 lay.view(buf, k).copy_(t.detach().index_select(0, self._index(ss, t)))
             if moments:
