@@ -18,11 +18,9 @@ Reported: each median, and the layer's own Python (layer - linear - op), the qua
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Dict
 
 import torch
@@ -31,6 +29,8 @@ from torch import nn
 
 import proper
 from proper_kernels import available_backends, routed_lora
+
+from .timing import write_results
 
 D, K, R = 64, 8, 16
 
@@ -101,11 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=2000)
     args = p.parse_args(argv)
     r = run(args.rounds, args.reps)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_layer_overhead.json").write_text(json.dumps(r, indent=2))
-    (out / "bench_layer_overhead.md").write_text(markdown(r))
-    print(markdown(r))
+    write_results(args.out, "bench_layer_overhead", r, markdown(r))
     return 0
 
 

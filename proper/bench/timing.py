@@ -103,3 +103,15 @@ def peak_memory_mb(fn: Callable[[], object], device: str | None = None) -> float
         _set_mmap_threshold(32 * 2**20)  # back to glibc's largest dynamic threshold: timing runs unaffected
     peak = max(peak, _rss_bytes())
     return (peak - base) / 2**20
+
+
+def write_results(out, name: str, result, markdown_text: str) -> None:
+    """``out/<name>.json`` (the numbers) and ``out/<name>.md`` (the table people read), printed too."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.md").write_text(markdown_text)
+    print(markdown_text)

@@ -19,7 +19,6 @@ proper.make_optimizer. Reported, all from one run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,7 +31,7 @@ import torch
 
 import proper
 
-from .timing import interleaved_times
+from .timing import interleaved_times, write_results
 
 USERS = (64, 10_000, 1_000_000)
 SLOTS = 16
@@ -240,12 +239,8 @@ def main(argv=None) -> int:
     p.add_argument("--gen-rounds", type=int, default=3)
     args = p.parse_args(argv)
     r = run(args.rounds, args.gen_rounds)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_user_store.json").write_text(json.dumps(r, indent=2))
-    (out / "bench_user_store.md").write_text(markdown(r))
-    plot(r, out / "bench_user_store.png")
-    print(markdown(r))
+    write_results(args.out, "bench_user_store", r, markdown(r))
+    plot(r, Path(args.out) / "bench_user_store.png")
     return 0
 
 

@@ -282,9 +282,10 @@ class UserSlots:
     @torch.no_grad()
     def records(self, slots: Sequence[int]) -> List[Record]:
         """The store records of the users in ``slots``: one gather per table for all of them (into a buffer kept
-        across calls), then one copy per user. Only the fields that can differ from a user's initial rows are kept: those its stored record had,
-        those being trained (requires_grad) and, after an import, all (a group-stage record is the router rows),
-        plus the attached optimizer's moment rows and epoch. Floats in store_dtype (scales and step counts fp32)."""
+        across calls), then one copy per user. Only the fields that can differ from a user's initial rows are
+        kept: those its stored record had, those being trained (requires_grad) and, after an import, all (a
+        group-stage record is the router rows), plus the attached optimizer's moment rows and epoch. Floats in
+        store_dtype (scales and step counts fp32)."""
         dt = torch.bfloat16 if self.state.cfg.store_dtype == "bfloat16" else torch.float32
         moments = self._moment_tables()
         by_keys: Dict[tuple, List[int]] = {}
