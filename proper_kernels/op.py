@@ -103,11 +103,26 @@ def _routed_lora_op(x: Tensor, expert_a: Optional[Tensor], expert_b: Optional[Te
                     user_ranks: Optional[Tensor], expert_scale: float, user_scale: Optional[Tensor],
                     user_weight: Optional[Tensor], backend: str, order: Optional[Tensor] = None,
                     seg_start: Optional[Tensor] = None, seg_len: Optional[Tensor] = None) -> Tensor:
-    p = _problem(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale, user_scale,
-                 user_weight, order, seg_start, seg_len)
-    if x.shape[0] == 0:
-        return x.new_zeros((0, p.d_out))
+    return _forward(_problem(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale,
+                             user_scale, user_weight, order, seg_start, seg_len), backend)
+
+
+def _forward(p: Problem, backend: str) -> Tensor:
+    """The op's forward body (the custom op, and the direct no-grad path of routed_lora)."""
+    if p.x.shape[0] == 0:
+        return p.x.new_zeros((0, p.d_out))
     return _backend_module(backend).forward(p).contiguous()
+
+
+def _direct(p: Problem) -> bool:
+    """Whether routed_lora may call the backend without the custom op: nothing to differentiate, no tracing (
+    torch.compile, fake or meta tensors need the op and its fake impl). The dispatch it skips costs about as much
+    as a decode-sized kernel (benchmarks/bench_layer_overhead.py)."""
+    if torch.compiler.is_compiling() or p.x.device.type == "meta" or type(p.x) is not torch.Tensor:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad for t in p.differentiable())
 
 
 @_routed_lora_op.register_fake
@@ -194,9 +209,12 @@ def routed_lora(x: Tensor, expert_a: Optional[Tensor], expert_b: Optional[Tensor
     if not (p.has_experts or p.has_users):  # K = 0 experts and no users: the delta is zero
         return out if out is not None else x.new_zeros((x.shape[0], p.d_out))
     name = resolve_backend(backend, str(x.device), x.dtype)
-    lay = p.layout if p.layout is not None else (None, None, None)
-    delta = torch.ops.proper.routed_lora(p.x, p.expert_a, p.expert_b, p.gates, p.user_a, p.user_b, p.user_ids,
-                                         p.user_ranks, p.expert_scale, p.user_scale, p.user_weight, name, *lay)
+    if _direct(p):
+        delta = _forward(p, name)
+    else:
+        lay = p.layout if p.layout is not None else (None, None, None)
+        delta = torch.ops.proper.routed_lora(p.x, p.expert_a, p.expert_b, p.gates, p.user_a, p.user_b, p.user_ids,
+                                             p.user_ranks, p.expert_scale, p.user_scale, p.user_weight, name, *lay)
     if out is not None:
         return out.add_(delta)
     return delta
