@@ -82,12 +82,10 @@ class TokenBatch:
 class UserBatch:
     """Validated user ids of one context, plus the caches that live as long as the context.
 
-    ``ids`` are *table rows*: the user ids themselves, or their slots in a paged model (``user_ids`` keeps the
-    ids as given)."""
+    ``ids`` are *table rows*: the user ids themselves, or their slots in a paged model."""
 
-    def __init__(self, ids: Tensor, lo: int, hi: int, num_users: int, user_ids: Optional[Tensor] = None):
+    def __init__(self, ids: Tensor, lo: int, hi: int, num_users: int):
         self.ids = ids                                   # [B] int64 table rows, in [-1, U); lo / hi: min / max
-        self.user_ids = ids if user_ids is None else user_ids
         self.num_users = num_users                       # rows of the user table (the layout's U)
         self.has_unknown = lo < 0                        # some sequence has no user (cold start)
         self.has_known = hi >= 0                         # some sequence has a user adapter
@@ -170,7 +168,7 @@ def make_batch(state: ProperState, user_ids, *, pin: bool = False) -> UserBatch:
     with torch.inference_mode(False):
         t = torch.tensor(rows, dtype=torch.int64, device=ids.device)
     known = [r for r in rows if r >= 0]
-    return UserBatch(t, -1 if lo < 0 else min(known), max(known) if known else -1, state.cfg.table_rows, ids)
+    return UserBatch(t, -1 if lo < 0 else min(known), max(known) if known else -1, state.cfg.table_rows)
 
 
 def release_batch(state: ProperState, batch: UserBatch) -> None:

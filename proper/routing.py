@@ -38,18 +38,17 @@ def user_routing(model: nn.Module, user_ids: Union[Tensor, Sequence[int]],
     stage = stage or state.stage
     layers = proper_layers(model)
     if stage == "population":
-        make_batch(state, user_ids)   # (validates the ids)
+        check_user_ids(state, user_ids)   # (validates the ids; pages nothing in)
         return {name: (None, None) for name in layers}
-    if state.slots is None:
-        batch = make_batch(state, user_ids)
-        return {name: layer.route_users(batch, batch.ids, stage) for name, layer in layers.items()}
-    # a paged model: chunks of users that fit its slots, each paged in while it is routed
+    # a paged model routes chunks of users that fit its slots, each paged in while it is routed
     ids = check_user_ids(state, user_ids)
-    step = max(1, state.slots.num_slots // 2)
+    step = ids.numel() if state.slots is None else state.slots.chunk
     parts = []
     for lo in range(0, ids.numel(), step):
         batch = make_batch(state, ids[lo:lo + step])
         parts.append({name: layer.route_users(batch, batch.ids, stage) for name, layer in layers.items()})
+    if len(parts) == 1:
+        return parts[0]
     return {name: tuple(None if parts[0][name][i] is None else torch.cat([p[name][i] for p in parts])
                         for i in (0, 1)) for name in layers}
 
@@ -58,8 +57,8 @@ def user_routing(model: nn.Module, user_ids: Union[Tensor, Sequence[int]],
 def refresh_cold_start(model: nn.Module) -> None:
     """A paged model's cold-start gates (user id -1): per layer, the mean of softmax(router logits) over every
     user the store holds (trained or imported users, dirty slots written back first; a never-seen user is not
-    part of the population). Reads just the router rows. A dense model averages over its whole table on each forward, so
-    there is nothing to do."""
+    part of the population). Reads just the router rows. A dense model averages over its whole table on each
+    forward, so there is nothing to do."""
     state = get_state(model)
     slots = state.slots
     if slots is None:

@@ -62,7 +62,8 @@ def _set_mmap_threshold(nbytes: int) -> None:
         pass
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """This process's resident set now (Linux /proc)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -84,13 +85,13 @@ def peak_memory_mb(fn: Callable[[], object], device: str | None = None) -> float
         return float("nan")
     gc.collect()
     _set_mmap_threshold(128 * 1024)    # large blocks mmap'd and returned on free, so RSS follows tensors
-    base = peak = _rss_bytes()
+    base = peak = rss_bytes()
     done = threading.Event()
 
     def sample():
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, _rss_bytes())
+            peak = max(peak, rss_bytes())
             time.sleep(1e-3)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -101,7 +102,7 @@ def peak_memory_mb(fn: Callable[[], object], device: str | None = None) -> float
         done.set()
         th.join()
         _set_mmap_threshold(32 * 2**20)  # back to glibc's largest dynamic threshold: timing runs unaffected
-    peak = max(peak, _rss_bytes())
+    peak = max(peak, rss_bytes())
     return (peak - base) / 2**20
 
 

@@ -31,7 +31,7 @@ import torch
 
 import proper
 
-from .timing import interleaved_times, write_results
+from .timing import interleaved_times, rss_bytes, write_results
 
 USERS = (64, 10_000, 1_000_000)
 SLOTS = 16
@@ -39,9 +39,7 @@ BATCH, SEQ = 8, 64
 
 
 def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2 ** 20
+    return rss_bytes() / 2 ** 20
 
 
 def _cfg(U: int, S) -> proper.ProperConfig:

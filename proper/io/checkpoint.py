@@ -40,7 +40,7 @@ from ..config import ProperConfig
 from ..patch import apply_proper, set_stage
 from ..routing import refresh_cold_start
 from ..state import STAGES, ProperState, find_state, get_state
-from ..store import ROW_KEYS, UserStore, initial_row, remove_unlisted, row_tables
+from ..store import ROW_KEYS, Segment, UserStore, initial_row, remove_unlisted, row_tables
 from ..atomic import atomic_write, atomic_write_text, remove_leftovers
 
 log = logging.getLogger("proper.io")
@@ -239,19 +239,21 @@ def _stored_row(t: Tensor, store_dtype: str, key: str) -> Tensor:
 def _open_store(state: ProperState, folder: Path, segments, source: Path) -> None:
     """Make a save's user store this model's: opened (headers only) by a paged model, read into the tables by a
     dense one."""
-    store = UserStore(None)
-    store.open_segments(folder, segments)
-    bad = [u for u in store.user_ids() if not 0 <= u < state.cfg.num_users]
+    opened = [Segment(folder / n) for n in segments]   # headers only, each parsed once
+    bad = [u for seg in opened for u in seg.users if not 0 <= u < state.cfg.num_users]
     if bad:
         raise ValueError(f"proper.from_pretrained: {source} stores user {bad[0]} but num_users is "
                          f"{state.cfg.num_users}")
     if state.slots is not None:
         state.slots.drop_all()
-        state.slots.store.replace_with(folder, segments)
+        state.slots.store.replace_with(opened)
         return
+    store = UserStore(None)
+    store.replace_with(opened)
+    tables = row_tables(state)
     for u in range(state.cfg.num_users):   # a dense model: every stored user into the tables, the rest initial
         rec = store.get(u)
-        for k, layer, local, t in row_tables(state):
+        for k, layer, local, t in tables:
             if rec is not None and k in rec:
                 t[u].copy_(rec[k])
             else:

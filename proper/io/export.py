@@ -260,7 +260,7 @@ def export_users(model: nn.Module, ids: Sequence[int], out: Union[str, os.PathLi
     from tqdm.auto import tqdm
 
     slots = get_state(model).slots
-    step = _ROUTE_CHUNK if slots is None else max(1, min(_ROUTE_CHUNK, slots.num_slots // 2))  # a chunk stays resident
+    step = _ROUTE_CHUNK if slots is None else min(_ROUTE_CHUNK, slots.chunk)   # a paged chunk stays resident
     with tqdm(total=len(ids), desc="export", unit="user", disable=not progress) as bar:
         for lo in range(0, len(ids), step):
             chunk = ids[lo:lo + step]

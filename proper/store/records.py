@@ -22,7 +22,7 @@ def _itemsize(dt: torch.dtype) -> int:
     return torch.empty((), dtype=dt).element_size()
 
 
-def _aligned(n: int, to: int = 8) -> int:
+def aligned(n: int, to: int = 8) -> int:
     return (n + to - 1) // to * to
 
 
@@ -37,7 +37,7 @@ class RecordLayout:
             for s in shape:
                 n *= s
             self.fields.append((key, dt, tuple(shape), off, n))
-            off = _aligned(off + n)
+            off = aligned(off + n)
         self.record_bytes = off
         self.index = {f[0]: f for f in self.fields}
         self.keys = frozenset(self.index)

@@ -1,4 +1,4 @@
-"""The user store: user id -> record ({key: CPU tensor}), in memory or in immutable, memory-mapped segment files.
+"""The user store: user id -> record (store/records.py), in memory or in immutable, memory-mapped segment files.
 
 A record is everything per user that is not resident (proper/store/slots.py decides what goes in one). The store
 is log-structured, so saving is incremental and atomic without ever rewriting a file in place:
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import atomic_write, atomic_write_json, fsync_dir
-from .records import DTYPES, Record, RecordLayout, layout_of
+from .records import DTYPES, Record, RecordLayout, aligned, layout_of
 
 SEGMENT_FORMAT = "proper-user-segment"
 SEGMENT_VERSION = 1
@@ -40,7 +40,8 @@ SEGMENT_SUFFIX = ".seg"
 MANIFEST = "manifest.json"
 #: default size of the in-memory overlay of a folder store before it is spilled into a segment
 SPILL_BYTES = 1 << 30
-
+#: a segment's records start at a multiple of this many bytes
+DATA_ALIGN = 64
 
 
 class StoreError(ValueError):
@@ -48,7 +49,7 @@ class StoreError(ValueError):
 
 
 class Segment:
-    """One immutable segment file, opened lazily (header only) and read through a memmap."""
+    """One immutable segment file: its header parsed on opening, its records read through an mmap."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -83,12 +84,11 @@ class Segment:
                 raise ValueError("field offsets do not match their dtypes and shapes")
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"proper user store: {self.path} has a damaged header ({type(e).__name__}: {e})") from None
-        self.data_offset = _aligned(8 + n)
+        self.data_offset = aligned(8 + n, DATA_ALIGN)
         want = self.data_offset + len(self.users) * self.record_bytes
         if size != want or len(self.crc) != len(self.users):
             raise StoreError(f"proper user store: {self.path} is truncated or damaged: {size} bytes, its header "
                              f"describes {want} ({len(self.users)} records of {self.record_bytes} bytes)")
-        self.keys = self.layout.keys
         with open(self.path, "rb") as f:   # the map keeps the inode alive if the file is moved or deleted
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
 
@@ -122,7 +122,7 @@ class Segment:
 
     def copy_to(self, dst: Path) -> None:
         """Put this segment at ``dst``: a hard link, else a file copy, else (its file was moved or deleted since
-        it was opened, e.g. a renamed checkpoint folder) its bytes from the open memmap; atomically."""
+        it was opened, e.g. a renamed checkpoint folder) its bytes from the open map; atomically."""
         tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             try:
@@ -152,7 +152,7 @@ def write_segment(folder: Path, items: List[Tuple[int, Record]]) -> str:
         with open(tmp, "wb") as f:
             f.write(len(head).to_bytes(8, "little"))
             f.write(head)
-            f.write(b"\0" * (_aligned(8 + len(head)) - 8 - len(head)))
+            f.write(b"\0" * (aligned(8 + len(head), DATA_ALIGN) - 8 - len(head)))
             for b in blobs:
                 f.write(b)
 
@@ -197,7 +197,7 @@ class UserStore:
         if rec is not None:
             return rec[key] if key in rec else None
         hit = self._index.get(uid)
-        if hit is None or key not in hit[0].keys:
+        if hit is None or key not in hit[0].layout.keys:
             return None
         return hit[0].read_field(hit[1], key)
 
@@ -219,7 +219,7 @@ class UserStore:
         if self.folder is None or not self._overlay:
             return
         self._write_overlay(self.folder)
-        atomic_write_json(self.folder / MANIFEST, {"format": SEGMENT_FORMAT, "segments": self._live_segments()})
+        self._commit_manifest()
 
     def save_into(self, dest: os.PathLike) -> List[str]:
         """Put every stored user into folder ``dest`` as segment files and return the names of the segments that
@@ -228,17 +228,13 @@ class UserStore:
         the caller's save record naming these segments is the commit point; then :func:`remove_unlisted`."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
+        if self._overlay:   # a memory store writes it straight into dest; a folder store into its own folder
+            self._write_overlay(dest if self.folder is None else self.folder)
+            if self.folder is not None:
+                self._commit_manifest()
         for name in self._live_segments():
             if not (dest / name).exists():
                 self._segments[name].copy_to(dest / name)
-        if self._overlay:
-            self._write_overlay(dest if self.folder is None else self.folder)
-            if self.folder is not None:
-                for name in self._live_segments():
-                    if not (dest / name).exists():
-                        self._segments[name].copy_to(dest / name)
-                atomic_write_json(self.folder / MANIFEST, {"format": SEGMENT_FORMAT,
-                                                           "segments": self._live_segments()})
         fsync_dir(dest)
         return self._live_segments()
 
@@ -263,36 +259,35 @@ class UserStore:
         for name in names:
             self._add(Segment(Path(folder) / name))
 
-    def open_segments(self, folder: os.PathLike, names: Iterable[str]) -> None:
-        """Read the users of the segments ``names`` in ``folder`` (headers only; later names win)."""
-        self._bind(Path(folder), names)
-
-    def clear(self) -> None:
-        """Forget every user; a folder store also deletes its manifest and segment files (a fresh run's store)."""
+    def _forget(self) -> None:
         self._overlay.clear()
         self._overlay_bytes = 0
         self._index.clear()
         self._segments.clear()
+
+    def _commit_manifest(self) -> None:
+        atomic_write_json(self.folder / MANIFEST, {"format": SEGMENT_FORMAT, "segments": self._live_segments()})
+
+    def clear(self) -> None:
+        """Forget every user; a folder store also deletes its manifest and segment files (a fresh run's store)."""
+        self._forget()
         if self.folder is not None:
             (self.folder / MANIFEST).unlink(missing_ok=True)
             remove_unlisted(self.folder, ())
 
-    def replace_with(self, folder: os.PathLike, names: Iterable[str]) -> None:
-        """Hold exactly the users of the segments ``names`` in ``folder`` (a loaded save): anything stored before
+    def replace_with(self, segments: Iterable[Segment]) -> None:
+        """Hold exactly the users of ``segments`` (a loaded save's, opened; later ones win): anything stored before
         is dropped. A folder store links the segments into its own folder and commits its manifest."""
-        names = list(names)
-        self._overlay.clear()
-        self._overlay_bytes = 0
-        self._index.clear()
-        self._segments.clear()
-        if self.folder is None:
-            self._bind(Path(folder), names)
-            return
-        for n in names:
-            if not (self.folder / n).exists():
-                Segment(Path(folder) / n).copy_to(self.folder / n)
-        self._bind(self.folder, names)
-        atomic_write_json(self.folder / MANIFEST, {"format": SEGMENT_FORMAT, "segments": self._live_segments()})
+        segments = list(segments)
+        self._forget()
+        if self.folder is not None:
+            for seg in segments:
+                if not (self.folder / seg.name).exists():
+                    seg.copy_to(self.folder / seg.name)
+        for seg in segments:   # (the open segments serve the reads; a folder's links hold the same bytes)
+            self._add(seg)
+        if self.folder is not None:
+            self._commit_manifest()
 
     def _live_segments(self) -> List[str]:
         """Segments that still hold the newest record of at least one user, oldest first."""
@@ -335,7 +330,3 @@ def _read_manifest(folder: Path) -> List[str]:
 
 def _as_tensor(buf: bytearray) -> Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.zeros(0, dtype=torch.uint8)
-
-
-def _aligned(n: int, to: int = 64) -> int:
-    return (n + to - 1) // to * to

@@ -66,27 +66,22 @@ def initial_rows(state: "ProperState", layer: str, key: str, uids: Sequence[int]
         return torch.full(shape, cfg.user_rank, dtype=like.dtype, device=like.device)
     if key == "user_scale":
         return torch.full(shape, cfg.user_scale, dtype=like.dtype, device=like.device)
-    if key not in ("user_a", "router.embedding.weight"):
+    if key == "user_a":
+        draw = lambda row, u: init_user_a(row, cfg.init_a, cfg.user_init_seed, layer, u)  # noqa: E731
+    elif key == "router.embedding.weight":
+        draw = lambda row, u: init_router_row(row, cfg.router_init_std, cfg.user_init_seed, layer, u)  # noqa: E731
+    else:
         return torch.zeros(shape, dtype=like.dtype, device=like.device)   # user_b: LoRA's B starts at zero
     out = torch.empty(shape, dtype=torch.float32)
-    for i, u in enumerate(uids):
-        initial_row(state, layer, key, int(u), out[i])
+    for i, u in enumerate(uids):   # one seeded generator per user: the draws do not depend on who else is here
+        draw(out[i], int(u))
     return out.to(device=like.device, dtype=like.dtype)
 
 
+@torch.no_grad()
 def initial_row(state: "ProperState", layer: str, key: str, uid: int, out: Tensor) -> Tensor:
     """Write user ``uid``'s initial value of one per-user tensor row into ``out``."""
-    cfg = state.cfg
-    with torch.no_grad():
-        if key == "user_a":
-            return init_user_a(out, cfg.init_a, cfg.user_init_seed, layer, uid)
-        if key == "router.embedding.weight":
-            return init_router_row(out, cfg.router_init_std, cfg.user_init_seed, layer, uid)
-        if key == "user_ranks":
-            return out.fill_(cfg.user_rank)
-        if key == "user_scale":
-            return out.fill_(cfg.user_scale)
-        return out.zero_()   # user_b: LoRA's B starts at zero
+    return out.copy_(initial_rows(state, layer, key, [uid], out.unsqueeze(0))[0])
 
 
 class UserSlots:
@@ -159,6 +154,11 @@ class UserSlots:
     def mark_dirty(self, slots: Iterable[int]) -> None:
         self.dirty.update(int(s) for s in slots if s >= 0)
 
+    @property
+    def chunk(self) -> int:
+        """Users one call may page in beside a full batch and still find resident afterwards (routing, export)."""
+        return max(1, self.num_slots // 2)
+
     def resident_users(self) -> List[int]:
         return [u for u in self.user_of if u >= 0]
 
@@ -224,17 +224,23 @@ class UserSlots:
         for i, r in enumerate(recs):
             if r is not None:
                 pos_of.setdefault(id(r.layout), (r.layout, []))[1].append(i)
-        need = sum(lay.record_bytes * len(pos) for lay, pos in pos_of.values())
-        if self._stage is None or self._stage.numel() < need:
-            self._stage = torch.empty(need, dtype=torch.uint8)
+        stage = self._staging("_stage", sum(lay.record_bytes * len(pos) for lay, pos in pos_of.values()))
         out, off = {}, 0
         for k, (lay, pos) in pos_of.items():
             n = lay.record_bytes * len(pos)
-            buf = self._stage[off: off + n].view(len(pos), lay.record_bytes)
+            buf = stage[off: off + n].view(len(pos), lay.record_bytes)
             torch.stack([recs[i].buf for i in pos], out=buf)
             out[k] = (lay, pos, buf)
             off += n
         return out
+
+    def _staging(self, name: str, nbytes: int) -> Tensor:
+        """The uint8 staging buffer ``name``, kept across calls and grown to at least ``nbytes``."""
+        buf = getattr(self, name)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            setattr(self, name, buf)
+        return buf
 
     def _moment_tables(self):
         """(record key, its optimizer state dict) for every trained table the attached optimizer holds."""
@@ -303,9 +309,7 @@ class UserSlots:
                 fields.append((_EPOCH, torch.int64, ()))
             lay = layout_of(fields)
             need = len(ss) * lay.record_bytes
-            if self._stage_out is None or self._stage_out.numel() < need:
-                self._stage_out = torch.empty(need, dtype=torch.uint8)
-            buf = self._stage_out[:need].view(len(ss), lay.record_bytes).zero_()   # (padding bytes stay zero)
+            buf = self._staging("_stage_out", need)[:need].view(len(ss), lay.record_bytes).zero_()   # (zero padding)
             for k, t, _ in srcs:
                 lay.view(buf, k).copy_(t.detach().index_select(0, self._index(ss, t)))
             if moments:
@@ -371,9 +375,7 @@ class UserSlots:
         for u, s in ((ub, a), (ua, b)):
             if u >= 0:
                 self.slot_of[u] = s
-        for name in ("pins",):
-            v = getattr(self, name)
-            v[a], v[b] = v[b], v[a]
+        self.pins[a], self.pins[b] = self.pins[b], self.pins[a]
         ka, kb = self.stored_keys.pop(a, frozenset()), self.stored_keys.pop(b, frozenset())
         self.stored_keys[a], self.stored_keys[b] = kb, ka
         for group in (self.held, self.dirty, self.whole):
@@ -398,9 +400,6 @@ class UserSlots:
         opt.create_row_state()
         resident = [s for s, u in enumerate(self.user_of) if u >= 0]   # they take their moments of this epoch
         self._load_moments(resident, [self.store.get(self.user_of[s]) for s in resident])
-
-    def optimizer(self):
-        return None if self._optimizer is None else self._optimizer()
 
     # ------------------------------------------------------------------------------------------ store-wide
     def snapshot(self) -> tuple:
