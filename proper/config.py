@@ -13,8 +13,9 @@ from proper_kernels import BACKENDS as _KERNEL_BACKENDS
 # The paper puts its LoRAs on the FFN projections; attention projections are opt-in.
 FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")
 LLAMA_ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BACKENDS = ("auto", *_KERNEL_BACKENDS)
-STORE_DTYPES = ("float32", "bfloat16")   # the op's own registry: a new kernel backend is accepted here too
+BACKENDS = ("auto", *_KERNEL_BACKENDS)   # the op's own registry: a new kernel backend is accepted here too
+STORE_DTYPES = ("float32", "bfloat16")
+ROUTER_SCOPES = ("model", "heads", "layer")
 
 
 @dataclass
@@ -35,6 +36,15 @@ class ProperConfig:
     backend          routed_lora backend: "auto" | "torch" | "cpu" | "triton" | "cuda". A runtime switch: never
                      saved (a checkpoint loads with "auto").
     router_dim       size of the user-aware router's per-user embedding.
+    router_scope     where the user-aware router lives (the paper's "a user's group"):
+                     "model" (default): one user embedding table and one head for the whole model, so each user
+                     has ONE group assignment shared by every adapted layer (and one router row per user in the
+                     store, not one per layer). It is held by the first adapted layer (so saving, the store,
+                     freezing and the optimizer, which walk the layers' parts, carry it unchanged); the other
+                     layers read it.
+                     "heads": that shared embedding, with one head (and cold-start gates) per layer.
+                     "layer": every layer its own embedding and head (the form before router_scope existed;
+                     checkpoints saved without the field load as "layer").
     lora_router_probes  learned probe directions of the LoRA-aware router (see routers.LoRAAwareRouter).
     population_rank  rank of the population LoRA; None = expert_rank if num_experts > 0 else 0 (no population
                      LoRA: nothing would consume it). With num_experts = 0 and population_rank > 0, the
@@ -67,6 +77,7 @@ class ProperConfig:
     dropout: float = 0.0
     backend: str = "auto"
     router_dim: int = 32
+    router_scope: str = "model"
     lora_router_probes: int = 2
     population_rank: Optional[int] = None
     expert_alpha: Optional[float] = None
@@ -128,6 +139,8 @@ class ProperConfig:
             raise ValueError(f"ProperConfig: 'extra' must be a dict, got {type(self.extra).__name__}")
         if self.backend not in BACKENDS:
             raise ValueError(f"ProperConfig: 'backend' must be one of {BACKENDS}, got {self.backend!r}")
+        if self.router_scope not in ROUTER_SCOPES:
+            raise ValueError(f"ProperConfig: 'router_scope' must be one of {ROUTER_SCOPES}, got {self.router_scope!r}")
         if self.init_a not in ("kaiming", "gaussian"):
             raise ValueError(f"ProperConfig: 'init_a' must be 'kaiming' or 'gaussian', got {self.init_a!r}")
         t = self.target_modules
@@ -208,4 +221,6 @@ class ProperConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"ProperConfig.from_dict: unknown keys {unknown}; known keys: {sorted(names)}")
+        if "router_scope" not in d:   # saved before the field existed: every layer had its own router
+            d = {**d, "router_scope": "layer"}
         return cls(**d)

@@ -5,6 +5,7 @@
     r = proper.user_routing(model, [0, 5, -1])   # {layer name: (gates [B, K] or None, w [B] or None)}
     g = proper.user_gates(model, [0, 5, -1])     # [L, B, K] gates of each user in each adapted layer
     proper.refresh_cold_start(model)             # a paged model: cold-start gates over the stored users
+    proper.reset_user_adapters(model, [3, 7])    # those users' own LoRA B = 0: the groups serve them
 """
 from __future__ import annotations
 
@@ -71,12 +72,26 @@ def refresh_cold_start(model: nn.Module) -> None:
         if not users:
             r.cold_start.fill_(1.0 / r.num_experts)
             continue
-        key = f"{name}.router.embedding.weight"
+        key = f"{name if r.owns_table else state.router_layer}.router.embedding.weight"
         acc = torch.zeros(r.num_experts, dtype=torch.float64, device=r.cold_start.device)
         for lo in range(0, len(users), 4096):
             e = torch.stack([slots.field(u, key) for u in users[lo:lo + 4096]])
             acc += torch.softmax(r.proj(e).float(), dim=-1).sum(0).double()
         r.cold_start.copy_((acc / len(users)).float())
+
+
+@torch.no_grad()
+def reset_user_adapters(model: nn.Module, user_ids: Sequence[int]) -> None:
+    """Set the users' LoRA B to zero in every adapted layer: their own LoRA then adds nothing (and a LoRA-aware
+    router reads zero features from it), so they are served by the groups / population LoRA. A paged model
+    pages them in chunks and marks them changed."""
+    state = get_state(model)
+    ids = [int(u) for u in check_user_ids(state, list(user_ids)).tolist()] if len(user_ids) else []
+    step = max(1, len(ids) if state.slots is None else state.slots.chunk)
+    for lo in range(0, len(ids), step):
+        rows = state.user_rows(ids[lo:lo + step], write=True)
+        for layer in state.layers.values():
+            layer.user_b.index_fill_(0, torch.as_tensor(rows, device=layer.user_b.device), 0.0)
 
 
 def user_gates(model: nn.Module, user_ids: Union[Tensor, Sequence[int]],

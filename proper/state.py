@@ -40,6 +40,10 @@ class ProperState:
         self.experts_initialized = False   # the experts were copied from the population LoRA
         self.layers: Dict[str, "ProperLinear"] = {}
         self.touched: List[Tensor] = []    # table rows of the forwards run with gradients since the last step
+        # the model-level user-aware router (cfg.router_scope "model" / "heads"): a module of the first adapted
+        # layer (router_layer), read by every layer
+        self.router: Optional[nn.Module] = None
+        self.router_layer: Optional[str] = None
         # the paged user store (cfg.resident_users): None when every user has its own row in the tables
         self.slots: Optional[UserSlots] = UserSlots(self, UserStore(cfg.user_store)) if cfg.paged else None
 

@@ -15,6 +15,7 @@ import torch
 from .. import data as D
 from ..training import BUDGETS, ABLATIONS, TrainConfig, TrainingInterrupted, run_train, summary_table
 from ..training.config import PAGE_ABOVE
+from ..config import ROUTER_SCOPES
 from ..training import distributed as DD
 
 
@@ -41,8 +42,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lb-coef", type=float, default=0.01, help="load-balancing weight (group stage)")
     p.add_argument("--distinct-coef", type=float, default=0.01, help="experts-distinct weight (group stage)")
     p.add_argument("--sampling", choices=("example", "user"), default="example")
-    p.add_argument("--ablations", default=",".join(ABLATIONS),
-                   help=f"comma-separated trained user-stage ablations among {', '.join(ABLATIONS)} ('' for none)")
+    p.add_argument("--ablations", default=None,
+                   help=f"comma-separated trained user-stage ablations among {', '.join(ABLATIONS)} ('' for none; "
+                        f"default: the budget's)")
+    p.add_argument("--router-scope", choices=ROUTER_SCOPES, default="model",
+                   help="the user-aware router: one for the model (a user's one group assignment), a shared "
+                        "embedding with per-layer heads, or one per layer")
+    p.add_argument("--user-select", choices=("dev", "none"), default="dev",
+                   help="per-user early stopping: keep a user's LoRA only where it lowered that user's dev loss")
+    p.add_argument("--select-per-user", type=int, default=None,
+                   help="dev ratings per user scored for --user-select dev (default: the budget's)")
+    p.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=None,
+                   help="also score PROPER with the LoRA-aware router off and as a cold start (default: budget's)")
     p.add_argument("--target-modules", default="gate_proj,up_proj,down_proj", help="comma-separated")
     p.add_argument("--backend", default="auto")
     p.add_argument("--stop-after", default=None, help=argparse.SUPPRESS)

@@ -64,7 +64,9 @@ class ProperLinear(nn.Module):
     Keeps the base `weight` and `bias` Parameters themselves (same objects, same state-dict keys as before),
     and adds, in peft layouts:
         population_a [1, r_p, d_in]   population_b [1, d_out, r_p]      (if r_p > 0)
-        expert_a     [K, r_e, d_in]   expert_b     [K, d_out, r_e]      (if K > 0) + router (UserAwareRouter)
+        expert_a     [K, r_e, d_in]   expert_b     [K, d_out, r_e]      (if K > 0) + router (UserAwareRouter:
+                     in every layer, only a head on the shared embedding, or only in the first adapted layer:
+                     cfg.router_scope "layer" / "heads" / "model"; see user_router)
         user_a       [U, r, d_in]     user_b       [U, d_out, r]
         user_ranks   [U] int64 buffer: rank of each user's adapter (<= r); rows past it stay zero, never read
         user_scale   [U] fp32 buffer: alpha / r_u per user (alpha / sqrt(r_u) for rsLoRA)
@@ -105,14 +107,22 @@ class ProperLinear(nn.Module):
             self.expert_a = nn.Parameter(torch.empty(K, cfg.expert_rank, d_in, **z))
             self.expert_b = nn.Parameter(torch.zeros(K, d_out, cfg.expert_rank, **z))
             _init_a(self.expert_a, cfg.init_a, cfg.expert_rank)
-            self.router = UserAwareRouter(U, K, cfg.router_dim, cfg.effective_top_k, cfg.router_init_std,
-                                          paged=cfg.paged, draw_rows=False, **z)
+            shared = state.router   # the model-level router, once the first adapted layer made it
+            if cfg.router_scope == "layer" or shared is None:
+                self.router = UserAwareRouter(U, K, cfg.router_dim, cfg.effective_top_k, cfg.router_init_std,
+                                              paged=cfg.paged, draw_rows=False, **z)
+                if cfg.router_scope != "layer" and shared is None:
+                    state.router, state.router_layer = self.router, name
+            elif cfg.router_scope == "heads":
+                self.router = UserAwareRouter(U, K, cfg.router_dim, cfg.effective_top_k, cfg.router_init_std,
+                                              paged=cfg.paged, shared=shared, **z)
+            # router_scope="model": no router here; user_router is the first layer's
         self.user_a = nn.Parameter(torch.zeros(U, cfg.user_rank, d_in, **z))
         self.user_b = nn.Parameter(torch.zeros(U, d_out, cfg.user_rank, **z))
         if not cfg.paged:   # every user's initial rows now (a paged model creates them when it pages users in)
             with torch.no_grad():
                 self.user_a.copy_(initial_rows(state, name, "user_a", range(U), self.user_a))
-                if K:
+                if K and "router" in self._modules and self.router.owns_table:
                     w = self.router.embedding.weight
                     w.copy_(initial_rows(state, name, "router.embedding.weight", range(U), w))
         self.register_buffer("user_ranks", torch.full((U,), cfg.user_rank, dtype=torch.int64, device=dev))
@@ -175,8 +185,17 @@ class ProperLinear(nn.Module):
             ps = self.__dict__["_route_list"] = self._list_route_params()
         return ps
 
+    @property
+    def user_router(self) -> Optional[UserAwareRouter]:
+        """The user-aware router this layer routes with: its own, or the model-level one (router_scope)."""
+        r = self._modules.get("router")
+        return r if r is not None else self._state.router
+
     def _list_route_params(self):
-        ps = list(self.part_tensors("router").values())   # every router that exists, whether switched on or not
+        ps = []   # every router that exists, whether switched on or not, the shared table included
+        r = self.user_router
+        if r is not None:
+            ps += [*r.parameters(), *r.buffers()] + ([] if r.owns_table else [r.table.weight])
         if "lora_router" in self._modules:
             ps += [*self.part_tensors("lora_router").values(), *self.part_tensors("users").values()]
         return ps
@@ -193,7 +212,7 @@ class ProperLinear(nn.Module):
                                         self.user_ranks[u], self.user_scale[u])
         gates = None
         if cfg.num_experts:
-            gates = self.router(ids, extra_logits=delta, cold_start=batch.has_unknown)
+            gates = self.user_router(ids, extra_logits=delta, cold_start=batch.has_unknown)
         return gates, w
 
     # ------------------------------------------------------------------------------------------ forward

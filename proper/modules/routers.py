@@ -1,5 +1,8 @@
 """The two PROPER routers. Both work per *user* (one gate vector per sequence), never per token.
 
+Where the user-aware router lives is ProperConfig.router_scope: one for the whole model (default: a user's group
+is one assignment shared by every layer), a shared embedding with per-layer heads, or one per layer.
+
 Where the paper's exact formulas are not at hand these are the simplest faithful forms; each is documented
 below and sized by ProperConfig (router_dim, lora_router_probes, top_k).
 """
@@ -40,13 +43,19 @@ class UserAwareRouter(nn.Module):
     """
 
     def __init__(self, num_users: int, num_experts: int, dim: int = 32, top_k: int = 0, init_std: float = 1.0,
-                 device=None, dtype=None, paged: bool = False, draw_rows: bool = True):
+                 device=None, dtype=None, paged: bool = False, draw_rows: bool = True,
+                 shared: Optional["UserAwareRouter"] = None):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         # draw_rows=False (ProperLinear): the model writes each user's seeded row (proper/store/init.py), and
         # nothing is drawn from the global generator here, so the other parameters' draws do not depend on the
         # table's size (dense or slots)
-        self.embedding = nn.Embedding(num_users, dim, _weight=torch.zeros(num_users, dim, device=device, dtype=dtype))
+        if shared is None:
+            self.embedding = nn.Embedding(num_users, dim,
+                                          _weight=torch.zeros(num_users, dim, device=device, dtype=dtype))
+        else:   # a head on another router's embedding (router_scope="heads"): a plain reference, not a
+            object.__setattr__(self, "_shared", shared)   # submodule, so the table is saved and trained once
+            draw_rows = False
         self.proj = nn.Linear(dim, num_experts, device=device, dtype=dtype)
         self.paged = paged
         if paged:
@@ -58,15 +67,25 @@ class UserAwareRouter(nn.Module):
             self.proj.weight.normal_(0.0, 1.0 / math.sqrt(dim))
             self.proj.bias.zero_()
 
+    @property
+    def table(self) -> nn.Embedding:
+        """The per-user embedding table this router reads (its own, or the shared router's)."""
+        shared = self.__dict__.get("_shared")
+        return self.embedding if shared is None else shared.embedding
+
+    @property
+    def owns_table(self) -> bool:
+        return "_shared" not in self.__dict__
+
     def logits(self, user_ids: Tensor) -> Tensor:
         """Router logits of each user (ids -1 read row 0; callers replace those rows).  # [B, K]"""
-        return self.proj(self.embedding(user_ids.clamp(min=0)))
+        return self.proj(self.table(user_ids.clamp(min=0)))
 
     def population_probs(self) -> Tensor:
         """Mean of softmax(logits) over every user: the cold-start distribution.  # [K]"""
         if self.paged:
             return self.cold_start
-        return torch.softmax(self.proj(self.embedding.weight), dim=-1).mean(0)
+        return torch.softmax(self.proj(self.table.weight), dim=-1).mean(0)
 
     def forward(self, user_ids: Tensor, extra_logits: Optional[Tensor] = None, cold_start: bool = True) -> Tensor:
         """Gates [B, K] of the users `user_ids` [B]. `extra_logits` [B, K] is added before the softmax (the

@@ -18,7 +18,7 @@ from ..generation import generate_for_users
 from ..io import save_pretrained
 from ..optim import make_optimizer
 from ..patch import set_stage
-from ..routing import lora_router_disabled, refresh_cold_start
+from ..routing import lora_router_disabled, refresh_cold_start, reset_user_adapters
 from ..state import get_state
 from .batches import collate, encode, step_seed
 from .checkpoints import save_checkpoint, write_json
@@ -61,6 +61,8 @@ class Trainer:
             pos += len(h)
         dev = spread(dataset.examples("dev"), cfg.dev_max)
         self.dev_items = enc(dev)
+        # per-user early stopping scores every user on up to select_per_user of its own dev examples
+        self.select_items = enc([ex for s in dataset.users.values() for ex in spread(s.dev, cfg.select_per_user)])
         self.test_examples = spread(dataset.examples("test"), cfg.test_max)
         self.test_items = enc(self.test_examples)
         self.test_cold = enc(self.test_examples, known=False)
@@ -97,6 +99,43 @@ class Trainer:
             true = np.array([self.rating_ids.index(it.ids[it.n_prompt]) + 1 for it in self.dev_items])
             return {"dev_loss": float(s["nll"].mean()), "dev_mae": float(np.abs(pred - true).mean())}
         return {"dev_loss": mean_lm_loss(self.model, self.dev_items, self.pad, self.eval_bs)}
+
+    def user_dev_losses(self, items: Optional[List] = None) -> np.ndarray:
+        """[U] each user's mean dev loss (the next-token NLL of a rating, the target tokens' LM loss otherwise)
+        over its selection examples (``items``: a subset of them); NaN for a user with none."""
+        items = self.select_items if items is None else items
+        if self.rating:
+            nll = score_next_token(self.model, items, self.pad, self.eval_bs)["nll"]
+        else:
+            nll = np.array([mean_lm_loss(self.model, [it], self.pad, 1) for it in items])
+        rows = np.array([it.row for it in items], dtype=np.int64)
+        sums = np.bincount(rows, weights=nll, minlength=len(self.ds))
+        cnt = np.bincount(rows, minlength=len(self.ds))
+        out = np.full(len(self.ds), np.nan)
+        out[cnt > 0] = sums[cnt > 0] / cnt[cnt > 0]
+        return out
+
+    def select_users(self, before: np.ndarray) -> Dict[str, Any]:
+        """Per-user early stopping at the end of the user stage: every user whose dev loss did not fall below
+        ``before`` (its loss when the stage started: its LoRA's B at zero) gets its B reset to zero, so the
+        groups (or the population LoRA) serve it. A few dozen ratings cannot support a user LoRA for every user;
+        this keeps it only where the user's own held-out ratings say it helps. Users without dev examples keep
+        theirs."""
+        after = self.user_dev_losses()
+        reset = [u for u in range(len(self.ds)) if np.isfinite(after[u]) and not after[u] < before[u]]
+        reset_user_adapters(self.model, reset)
+        final = after.copy()
+        if reset:
+            chosen = set(reset)
+            final[reset] = self.user_dev_losses([it for it in self.select_items if it.row in chosen])[reset]
+        ok = np.isfinite(before) & np.isfinite(after)
+        res = {"users_kept": int(ok.sum()) - len(reset), "users_reset": len(reset),
+               "dev_loss_start": float(np.nanmean(before)), "dev_loss_end": float(np.nanmean(after)),
+               "dev_loss_selected": float(np.nanmean(final))}
+        log.info("user selection: kept %d user LoRAs, reset %d; mean per-user dev loss %.4f (start) -> %.4f (end) "
+                 "-> %.4f (selected)", res["users_kept"], res["users_reset"], res["dev_loss_start"],
+                 res["dev_loss_end"], res["dev_loss_selected"])
+        return res
 
     def evaluate_system(self, name: str, cold: bool = False) -> Dict[str, Any]:
         items = self.test_cold if cold else self.test_items
@@ -205,6 +244,8 @@ class Trainer:
             hist["evals"].append({"step": -1, **d0})
             es = {"best_loss": d0["dev_loss"], "best_step": -1, "bad": 0, "stopped": False,
                   "best": self._best_copy(named)}
+            if stage == "user" and cfg.user_select == "dev":
+                es["select_before"] = self.user_dev_losses().tolist()
             start = 0
         stop_stage, stop_step = (cfg.stop_after.split(":") + [None])[:2] if cfg.stop_after else (None, None)
         bar = tqdm(total=steps, mininterval=1.0, initial=start, desc=stage, disable=not self.progress)
@@ -254,6 +295,8 @@ class Trainer:
         else:
             self._restore_best(named, es["best"])   # the best dev weights
             info["probe_loss_best"] = mean_lm_loss(self.model, self.probe_items, self.pad, self.eval_bs)
+        if "select_before" in es:
+            info["selection"] = self.select_users(np.asarray(es["select_before"], dtype=np.float64))
         if info["probe_loss_end"] >= info["probe_loss_start"]:
             log.warning("%s: the training probe loss did not fall (%.4f -> %.4f)", stage, info["probe_loss_start"],
                         info["probe_loss_end"])
@@ -271,10 +314,11 @@ class Trainer:
                 self.state["groups"]["group"] = group_report(g, self.ds.user_list)
         else:
             self.evaluate_system("proper")
-            if get_state(self.model).cfg.lora_router:
-                with lora_router_disabled(self.model):
-                    self.evaluate_system("proper_router_off_at_inference")
-            self.evaluate_system("proper_cold_start", cold=True)
+            if self.cfg.diagnostics:
+                if get_state(self.model).cfg.lora_router:
+                    with lora_router_disabled(self.model):
+                        self.evaluate_system("proper_router_off_at_inference")
+                self.evaluate_system("proper_cold_start", cold=True)
             g = user_gates(self.model, rows, "user")
             if g is not None:
                 self.state["groups"]["user"] = group_report(g, self.ds.user_list)

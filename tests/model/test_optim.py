@@ -35,7 +35,8 @@ def _row_tensors(m, stage):
     out = {}
     for name, layer in proper.proper_layers(m).items():
         ts = layer.adapter_tensors()
-        out.update({f"{name}.{k}": ts[k] for k in ROW_KEYS[stage]})
+        out.update({f"{name}.{k}": ts[k] for k in ROW_KEYS[stage] if k in ts})   # (the model-level router
+    assert out                                                                      # is in the first layer only)
     return out
 
 

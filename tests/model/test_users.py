@@ -57,7 +57,7 @@ def test_training_step_mixed_users_touches_only_their_adapters():
             assert per_user[[1, 4]].min() > 0, name
             assert per_user[[0, 2, 3, 5]].sum() == 0, name
         assert layer.lora_router.head.weight.grad.abs().sum() > 0
-        assert layer.expert_a.grad is None and layer.router.embedding.weight.grad is None   # frozen in "user"
+        assert layer.expert_a.grad is None and layer.user_router.table.weight.grad is None   # frozen in "user"
         assert layer.weight.grad is None
 
 
@@ -67,7 +67,7 @@ def test_group_stage_grads_reach_experts_and_router_rows_of_the_batch():
     with proper.users(m, [2, 5, 2]):
         m(ids, labels=ids).loss.backward()
     layer = proper.proper_layers(m)["model.layers.1.mlp.down_proj"]
-    emb = layer.router.embedding.weight.grad.abs().sum(1)
+    emb = layer.user_router.table.weight.grad.abs().sum(1)   # the model-level router (router_scope="model")
     assert emb[[2, 5]].min() > 0 and emb[[0, 1, 3, 4]].sum() == 0
     assert layer.expert_b.grad.abs().sum() > 0 and layer.user_b.grad is None
 
@@ -179,7 +179,8 @@ def test_inference_routing_cache_follows_in_place_updates():
         before = m(ids).logits
         assert torch.equal(m(ids).logits, before)                    # cached routing, same result
         for layer in proper.proper_layers(m).values():
-            layer.router.proj.weight.mul_(-3.0)
+            if "router" in layer._modules:   # the model-level router lives in the first layer
+                layer.router.proj.weight.mul_(-3.0)
             layer.lora_router.head.bias.fill_(0.5)
         after = m(ids).logits
     with torch.no_grad(), proper.users(m, [0, 1]):
