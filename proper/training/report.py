@@ -16,6 +16,7 @@ from ..data import BUCKET_ORDER
 SYSTEMS = {
     "user_mean": "the user's mean training rating (classic baseline)",
     "item_mean": "the movie's mean training rating over the selected users",
+    "mf_svd": "biased matrix factorisation (scikit-surprise SVD, defaults) on the same training ratings",
     "base": "SmolLM2-135M-Instruct, untouched",
     "population": "stage 1: one LoRA trained on every user",
     "group": "stage 2: K experts + user-aware router",
@@ -99,7 +100,7 @@ def plot_by_profile(metrics: Dict[str, Any], png, systems: Optional[List[str]] =
             k = key if any(key in bs.get(b, {}) for b in buckets) else key.replace("_expected", "")
             xs = [i for i, b in enumerate(buckets) if b in bs]
             style = dict(lw=2.6, marker="o") if n == "proper" else dict(lw=1.3, marker=".", alpha=0.85)
-            if n in ("user_mean", "item_mean"):
+            if n in ("user_mean", "item_mean", "mf_svd"):
                 style.update(ls="--")
             ax.plot(xs, [bs[buckets[i]][k] for i in xs], label=n, **style)
         ax.set_xticks(range(len(buckets)), [f"{b}\n(n={first[b]['n']})" if b in first else b for b in buckets])
