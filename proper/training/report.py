@@ -15,6 +15,8 @@ from ..data import BUCKET_ORDER, profile_bucket
 
 #: The sparse users' bucket (<= 20 training ratings): reported first in every paired table.
 SPARSE_BUCKET = profile_bucket(20)
+#: Order of the paired tables' scopes: all test ratings, the sparse bucket, then the other buckets.
+SCOPE_ORDER = ("all", SPARSE_BUCKET) + tuple(b for b in BUCKET_ORDER if b != SPARSE_BUCKET)
 
 #: What each system is, in one line (rows of the results table, in this order; unknown names follow).
 SYSTEMS = {
@@ -161,14 +163,14 @@ def load_predictions(run_dir) -> Optional[Dict[str, Any]]:
 
 
 def bucket_scopes(sizes) -> List[tuple]:
-    """[(label, example indices)]: ``"all"``, then the sparse bucket ``"<=20"``, then the other profile-size
-    buckets in BUCKET_ORDER -- the sparse users are where personalisation has to earn its keep, so they lead."""
+    """[(label, example indices)] in SCOPE_ORDER: ``"all"``, then the sparse bucket ``"<=20"``, then the other
+    profile-size buckets in BUCKET_ORDER (empty ones left out) -- the sparse users are where personalisation
+    has to earn its keep, so they lead."""
     import numpy as np
 
     labels = [profile_bucket(int(n)) for n in sizes]
-    order = [SPARSE_BUCKET] + [b for b in BUCKET_ORDER if b != SPARSE_BUCKET]
     scopes = [("all", np.arange(len(labels)))]
-    for b in order:
+    for b in SCOPE_ORDER[1:]:
         idx = np.asarray([i for i, lab in enumerate(labels) if lab == b], dtype=int)
         if idx.size:
             scopes.append((b, idx))

@@ -90,3 +90,91 @@ def test_write_report_has_the_paired_tables(tmp_path):
     lines = [ln for ln in text.splitlines() if ln.startswith("| profile ")]
     assert lines[0].startswith("| profile <=20: 12 (4) |")
     assert "MAE - user_mean MAE [95% CI]" in text          # the existing table is still there
+
+
+# ------------------------------------------------------------------------------------------ several seeds
+def _three_seeds(tmp_path, **kw):
+    return [fake_run(tmp_path / f"run{s}", s, **kw) for s in (0, 1, 2)]
+
+
+def _section(text, title):
+    part = text.split(f"### {title}")[1]
+    return part.split("\n### ")[0]
+
+
+def test_multi_seed_report_sections(tmp_path):
+    from proper.training.results import multi_seed_report
+
+    runs = _three_seeds(tmp_path, offsets={"user_mean": 1.5})
+    text = multi_seed_report(runs)
+    summary = _section(text, "Systems per seed")
+    assert "| system | MAE s0 | MAE s1 | MAE s2 | mean MAE | RMSE s0 / s1 / s2 |" in summary
+    m = [json.loads((r / "metrics.json").read_text())["systems"]["proper"] for r in runs]
+    mean = sum(x["mae"] for x in m) / 3
+    assert f"| proper | {m[0]['mae']:.3f} | {m[1]['mae']:.3f} | {m[2]['mae']:.3f} | " in summary
+    assert f"{mean:.3f}" in summary
+    overall = _section(text, "proper against each baseline, all test ratings")
+    rows = [ln for ln in overall.splitlines() if ln.startswith("| proper - user_mean |")]
+    assert len(rows) == 3 and all(ln.endswith("| better |") for ln in rows)   # user_mean pushed 1.5 off
+    r1 = R.proper_vs_baselines(R.load_predictions(runs[1]))[0]
+    assert rows[1] == (f"| proper - user_mean | s1 | {r1['diff']:+.3f} | {r1['se']:.3f} | "
+                       f"[{r1['lo']:+.3f}, {r1['hi']:+.3f}] | better |")
+    buckets = _section(text, "proper against each baseline, by training-profile size (sparse users first)")
+    heads = [ln for ln in buckets.splitlines() if ln.startswith("Profile ")]
+    assert [h.split(" ")[1] for h in heads] == ["<=20", "21-50", ">200"]
+    assert heads[0].startswith("Profile <=20 (sparse users) - s0: 12 ratings (4 users)")
+    counts = _section(text, "Test ratings and users per seed")
+    assert "| s0 | 36 (12) | 12 (4) | 12 (4) | 12 (4) |" in counts
+
+
+def test_multi_seed_report_without_predictions_and_verdict_words(tmp_path):
+    from proper.training.results import multi_seed_report
+
+    runs = _three_seeds(tmp_path)
+    (runs[0] / "predictions.json").unlink()
+    text = multi_seed_report(runs)
+    assert "No paired intervals for s0" in text
+    assert "| proper - user_mean | s0 | - | - | - | no predictions.json |" in text
+    overall = _section(text, "proper against each baseline, all test ratings")
+    words = {ln.rsplit("|", 2)[1].strip() for ln in overall.splitlines() if ln.startswith("| proper - ")
+             and "| s1 |" in ln}
+    assert len(words) >= 1
+    assert words <= {"better", "worse", "tie"}
+    assert "| s0 | 36 (12) |" in _section(text, "Test ratings and users per seed")   # from metrics.json
+
+
+def test_multi_seed_report_labels_and_errors(tmp_path):
+    from proper.training.results import load_runs, multi_seed_report
+
+    a = fake_run(tmp_path / "a", 5)
+    b = fake_run(tmp_path / "b", 5)
+    assert [r["label"] for r in load_runs([a, b])] == ["a", "b"]      # same seed twice: folder names
+    with pytest.raises(ValueError, match="run_dirs"):
+        multi_seed_report([])
+    with pytest.raises(ValueError, match="run_dirs"):
+        multi_seed_report(str(a))
+    with pytest.raises(FileNotFoundError, match="metrics.json"):
+        multi_seed_report([a, tmp_path / "nothing"])
+
+
+def test_cli_eval_several_runs_writes_the_multi_seed_report(tmp_path, capsys):
+    from proper.cli.app import main
+
+    runs = _three_seeds(tmp_path)
+    out = tmp_path / "docs" / "RESULTS_tables.md"
+    assert main(["eval", *map(str, runs), "--report", str(out)]) == 0
+    assert "### Systems per seed" in out.read_text()
+    assert f"report: {out}" in capsys.readouterr().out
+    assert main(["eval", *map(str, runs)]) == 0                    # no --report: printed
+    assert "### Test ratings and users per seed" in capsys.readouterr().out
+    assert main(["eval", str(runs[0]), str(tmp_path / "missing")]) == 2
+    assert "metrics.json does not exist" in capsys.readouterr().err
+
+
+def test_cli_eval_one_run_report_has_paired_tables(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from proper.cli.app import main
+
+    run = fake_run(tmp_path / "r", 0)
+    assert main(["eval", str(run), "--report", str(tmp_path / "r.md")]) == 0
+    assert "| proper - mf_svd |" in (tmp_path / "r.md").read_text()
