@@ -82,17 +82,31 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    """One run folder: its systems table (and with --report its markdown + plot). Several (one per seed): each
+    one's systems table, and with --report the multi-seed report (printed without --report)."""
     from ..training import summary_table
     from ..training.report import load_metrics, write_report
+    from ..training.results import multi_seed_report
 
     try:
-        metrics = load_metrics(args.run_dir)
+        metrics = [load_metrics(d) for d in args.run_dir]
     except FileNotFoundError as e:
         print(f"proper eval: {e}", file=sys.stderr)
         return 2
-    print(summary_table(metrics))
-    if args.report:
-        print(f"report: {write_report(args.run_dir, args.report, metrics=metrics)}")
+    for d, m in zip(args.run_dir, metrics):
+        print((f"{d}:\n" if len(metrics) > 1 else "") + summary_table(m))
+    if len(metrics) == 1:
+        if args.report:
+            print(f"report: {write_report(args.run_dir[0], args.report, metrics=metrics[0])}")
+        return 0
+    text = multi_seed_report(args.run_dir)
+    if not args.report:
+        print("\n" + text)
+        return 0
+    out = Path(args.report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"report: {out}")
     return 0
 
 
@@ -129,9 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = add_train_arguments(sub.add_parser("train", help="three-stage PROPER training on per-user data"))
     t.set_defaults(func=run_train_args)
-    e = sub.add_parser("eval", help="print the systems table of a trained run directory")
-    e.add_argument("run_dir")
-    e.add_argument("--report", metavar="FILE.md", help="also write markdown tables and a PNG of error by profile size")
+    e = sub.add_parser("eval", help="print the systems table of trained run directories (several: one per seed)")
+    e.add_argument("run_dir", nargs="+", help="a run folder (proper train --out DIR); several for the multi-seed "
+                                              "report")
+    e.add_argument("--report", metavar="FILE.md", help="one run: write markdown tables, paired intervals and a PNG of "
+                   "error by profile size; several runs: write the multi-seed report (MAE/RMSE per seed, paired "
+                   "intervals of proper against each baseline per seed and profile bucket)")
     e.set_defaults(func=_cmd_eval)
     x = add_export_arguments(sub.add_parser("export", help="users as standard peft LoRA folders (exact), for vLLM, "
                                                            "LoRAX, S-LoRA or peft"))

@@ -5,16 +5,20 @@ from pathlib import Path
 
 from .jsonl import read_jsonl
 from .lamp import read_lamp
-from .movielens import load_movielens_100k
+from .movielens import MOVIELENS_SPLIT, load_movielens_100k
 from .schema import DataError, Dataset, PathLike
 
 # ------------------------------------------------------------------------------------------ entry point
 def load_dataset(spec: PathLike, *, on_error: str = "raise", **kw) -> Dataset:
     """``"movielens-100k"`` (built in), a ``.jsonl`` file (our schema), or LaMP: a ``*questions*.json`` file
-    (outputs found beside it) or a folder holding exactly one ``*questions*.json``."""
+    (outputs found beside it) or a folder holding exactly one ``*questions*.json``.
+
+    MovieLens loaded by name gets the fractional split (:data:`MOVIELENS_SPLIT`: latest 10% test, the 10%
+    before dev, at least 2 each) unless ``kw`` says otherwise (``test_frac=None, dev_frac=None`` for the
+    fixed-count ``n_test``/``n_dev`` split); ``kw`` goes to the reader."""
     s = str(spec)
     if s.lower() in ("movielens-100k", "ml-100k", "movielens"):
-        return load_movielens_100k(on_error=on_error, **kw)
+        return load_movielens_100k(on_error=on_error, **{**MOVIELENS_SPLIT, **kw})
     p = Path(s)
     if p.is_dir():
         qs = sorted(p.glob("*questions*.json"))

@@ -4,9 +4,10 @@ from __future__ import annotations
 import importlib.util
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .schema import DataError, Dataset, Example, MissingDataError, PathLike, RECBOLE_PIP, _Problems, _finish_users
+from .schema import (DataError, Dataset, Example, MissingDataError, PathLike, RECBOLE_PIP, _Problems,
+                     _finish_users, split_spec)
 
 # ------------------------------------------------------------------------------------------- MovieLens
 MOVIELENS_FILES = ("ml-100k.inter", "ml-100k.item")
@@ -71,14 +72,39 @@ def _read_tsv(path: Path) -> Tuple[List[str], Iterable[Tuple[int, List[str]]]]:
     return header, rows()
 
 
-def load_movielens_100k(root: Optional[PathLike] = None, *, n_test: int = 2, n_dev: int = 1,
-                        on_error: str = "raise") -> Dataset:
+#: The MovieLens split protocol: each user's latest 10% of ratings (at least 2) are test, the 10% before
+#: them (at least 2) dev -- a held-out share that grows with the user's history, as in the issue's protocol.
+MOVIELENS_SPLIT = {"test_frac": 0.1, "dev_frac": 0.1, "min_test": 2, "min_dev": 2}
+
+
+def _split_args(test_frac, dev_frac, min_test, min_dev, n_test, n_dev) -> Tuple[int, int, Dict[str, Any]]:
+    """(n_test, n_dev, fractional keywords) for :func:`_finish_users`: the fixed form when both fractions are
+    None, else the fractional one; fixed counts given alongside a fraction raise (one of them would be ignored)."""
+    if test_frac is None and dev_frac is None:
+        return (2 if n_test is None else n_test), (1 if n_dev is None else n_dev), {}
+    for name, v in (("n_test", n_test), ("n_dev", n_dev)):
+        if v is not None:
+            raise ValueError(f"{name}={v!r} is the fixed-count split but test_frac={test_frac!r}/dev_frac="
+                             f"{dev_frac!r} ask for the fractional one; pass test_frac=None, dev_frac=None with "
+                             f"{name}")
+    return 2, 1, {"test_frac": test_frac, "dev_frac": dev_frac, "min_test": min_test, "min_dev": min_dev}
+
+
+def load_movielens_100k(root: Optional[PathLike] = None, *, test_frac: Optional[float] = 0.1,
+                        dev_frac: Optional[float] = 0.1, min_test: int = 2, min_dev: int = 2,
+                        n_test: Optional[int] = None, n_dev: Optional[int] = None, on_error: str = "raise") -> Dataset:
     """MovieLens-100K as a rating :class:`Dataset`: 943 users, 100,000 ratings, targets ``"1"`` .. ``"5"``.
 
     Each user's ratings are ordered by timestamp (ties broken by item id, so the order does not depend on the
-    file's row order); the latest ``n_test`` (2) are test, the one before dev, the rest training history.
+    file's row order). By default (:data:`MOVIELENS_SPLIT`) the latest ``ceil(0.1 * n)`` (at least 2) of a
+    user's ``n`` ratings are test, the ``ceil(0.1 * n)`` (at least 2) before them dev, the rest training
+    history. ``test_frac=None, dev_frac=None`` gives the fixed-count split instead: the latest ``n_test`` (2)
+    test, the ``n_dev`` (1) before them dev (giving ``n_test``/``n_dev`` with a fraction is an error, not
+    silently ignored). ``meta["split"]`` records the protocol used.
     ``Example.meta`` has ``item`` (item id) and ``rating`` (int). ``root`` defaults to recbole's shipped copy.
     """
+    n_test, n_dev, frac = _split_args(test_frac, dev_frac, min_test, min_dev, n_test, n_dev)
+    spec = split_spec(n_test=n_test, n_dev=n_dev, **frac)   # bad split arguments fail before the files are read
     root = Path(root) if root is not None else movielens_100k_dir()
     inter, item = root / "ml-100k.inter", root / "ml-100k.item"
     for f in (inter, item):
@@ -126,8 +152,8 @@ def load_movielens_100k(root: Optional[PathLike] = None, *, n_test: int = 2, n_d
         rows_u = sorted(per_user[u], key=lambda t: (t[0], t[1]))
         grouped[u] = [(Example(u, movielens_prompt(*movies[it]), str(rt), ts, {"item": it, "rating": rt}), None, w)
                       for ts, _, it, rt, w in rows_u]
-    users = _finish_users(grouped, probs, n_test, n_dev)
+    users = _finish_users(grouped, probs, n_test, n_dev, **frac)
     return Dataset("movielens-100k", "rating", users, dict(probs.skipped), probs.problems,
-                   {"source": str(root), "num_items": len(movies)})
+                   {"source": str(root), "num_items": len(movies), "split": spec})
 
 

@@ -6,6 +6,7 @@ import math
 import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -136,14 +137,70 @@ def _order_key(ex: Example, pos: int) -> Tuple[float, int]:
     return (ex.time if ex.time is not None else -math.inf, pos)
 
 
-def split_by_time(examples: Sequence[Example], n_test: int = 2, n_dev: int = 1) -> Tuple[List[Example], ...]:
+def holdout_counts(n: int, *, n_test: int = 2, n_dev: int = 1, test_frac: Optional[float] = None,
+                   dev_frac: Optional[float] = None, min_test: int = 2, min_dev: int = 2) -> Tuple[int, int]:
+    """(test, dev) sizes for a user with ``n`` examples.
+
+    Fixed form (``test_frac=None``): ``n_test`` and ``n_dev``. Fractional form: ``ceil(test_frac * n)`` but at
+    least ``min_test``, and ``ceil(dev_frac * n)`` but at least ``min_dev`` -- the fraction keeps heavy raters'
+    test sets proportional to their history, the minimum keeps light raters scored at all. The ceiling is taken
+    of the decimal value (0.1 * 30 is 3, not 4 as float rounding would make it)."""
+    _check_split_args(n_test=n_test, n_dev=n_dev, test_frac=test_frac, dev_frac=dev_frac, min_test=min_test,
+                      min_dev=min_dev)
+    if test_frac is None:
+        return n_test, n_dev
+    return (max(min_test, _ceil_frac(test_frac, n)), max(min_dev, _ceil_frac(dev_frac, n)))
+
+
+def _ceil_frac(frac: float, n: int) -> int:
+    """ceil(frac * n) on the decimal value of ``frac`` (exact: no float round-up)."""
+    return math.ceil(Fraction(str(float(frac))) * n)
+
+
+def _check_split_args(*, n_test, n_dev, test_frac, dev_frac, min_test, min_dev) -> None:
+    """Raise ``ValueError`` naming the first bad split argument."""
+    for name, v in (("n_test", n_test), ("n_dev", n_dev), ("min_test", min_test), ("min_dev", min_dev)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+    if test_frac is None:
+        if dev_frac is not None:
+            raise ValueError(f"dev_frac={dev_frac!r} needs test_frac (the fractional split takes both); "
+                             f"give test_frac too, or n_test/n_dev for the fixed-count split")
+        return
+    for name, v in (("test_frac", test_frac), ("dev_frac", dev_frac)):
+        if v is None:
+            raise ValueError(f"{name} must be given with test_frac (a fraction in [0, 1)), got None")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < 1):
+            raise ValueError(f"{name} must be a fraction in [0, 1), got {v!r}")
+    if test_frac + dev_frac >= 1:
+        raise ValueError(f"test_frac + dev_frac must be < 1 (something must be left for training), got "
+                         f"test_frac={test_frac!r}, dev_frac={dev_frac!r}")
+
+
+def split_spec(*, n_test: int = 2, n_dev: int = 1, test_frac: Optional[float] = None,
+               dev_frac: Optional[float] = None, min_test: int = 2, min_dev: int = 2) -> Dict[str, Any]:
+    """The split protocol as a dict for ``Dataset.meta["split"]`` (so a run says which protocol it scored)."""
+    _check_split_args(n_test=n_test, n_dev=n_dev, test_frac=test_frac, dev_frac=dev_frac, min_test=min_test,
+                      min_dev=min_dev)
+    if test_frac is None:
+        return {"n_test": n_test, "n_dev": n_dev}
+    return {"test_frac": test_frac, "dev_frac": dev_frac, "min_test": min_test, "min_dev": min_dev}
+
+
+def split_by_time(examples: Sequence[Example], n_test: int = 2, n_dev: int = 1, *,
+                  test_frac: Optional[float] = None, dev_frac: Optional[float] = None, min_test: int = 2,
+                  min_dev: int = 2) -> Tuple[List[Example], ...]:
     """(train, dev, test) of one user's examples: sorted by time (stable: ties and missing times keep the given
-    order), the latest ``n_test`` are test, the ``n_dev`` before them dev, the rest train.
+    order), the latest ones are test, the ones before them dev, the rest train.
+
+    How many are held out: ``n_test`` / ``n_dev`` (fixed form, ``test_frac=None``), or with ``test_frac`` and
+    ``dev_frac`` the latest ``ceil(test_frac * n)`` (at least ``min_test``) and the ``ceil(dev_frac * n)`` (at
+    least ``min_dev``) before them, ``n`` the user's number of examples (see :func:`holdout_counts`).
 
     Returns empty lists where there are too few examples (callers decide whether an empty train is an error).
     """
-    if n_test < 0 or n_dev < 0:
-        raise ValueError(f"n_test and n_dev must be >= 0, got n_test={n_test}, n_dev={n_dev}")
+    k_test, k_dev = holdout_counts(len(examples), n_test=n_test, n_dev=n_dev, test_frac=test_frac,
+                                   dev_frac=dev_frac, min_test=min_test, min_dev=min_dev)
     has_time = [ex.time is not None for ex in examples]
     if any(has_time) and not all(has_time):
         ordered = list(examples)   # mixed: keep file order rather than guess where the undated ones go
@@ -151,14 +208,18 @@ def split_by_time(examples: Sequence[Example], n_test: int = 2, n_dev: int = 1) 
         ordered = [ex for _, ex in sorted(((_order_key(ex, i), ex) for i, ex in enumerate(examples)),
                                           key=lambda p: p[0])]
     n = len(ordered)
-    t0 = max(0, n - n_test)
-    d0 = max(0, t0 - n_dev)
+    t0 = max(0, n - k_test)
+    d0 = max(0, t0 - k_dev)
     return ordered[:d0], ordered[d0:t0], ordered[t0:]
 
 
 def _finish_users(per_user: "OrderedDict[str, List[Tuple[Example, Optional[str], str]]]", probs: _Problems,
-                  n_test: int, n_dev: int) -> "OrderedDict[str, UserSplit]":
-    """Split each user's (example, split-or-None, where) list; users without training data -> problem."""
+                  n_test: int = 2, n_dev: int = 1, **frac: Any) -> "OrderedDict[str, UserSplit]":
+    """Split each user's (example, split-or-None, where) list; users without training data -> problem.
+
+    Users without explicit splits are split by :func:`split_by_time` with ``n_test``/``n_dev`` or, when ``frac``
+    holds ``test_frac``/``dev_frac`` (and optionally ``min_test``/``min_dev``), the fractional form."""
+    spec = split_spec(n_test=n_test, n_dev=n_dev, **frac)   # validates once, before any user
     out: "OrderedDict[str, UserSplit]" = OrderedDict()
     for user, rows in per_user.items():
         explicit = [sp for _, sp, _ in rows if sp is not None]
@@ -175,11 +236,12 @@ def _finish_users(per_user: "OrderedDict[str, List[Tuple[Example, Optional[str],
                 tr, dv, te = split_by_time(s[sp], 0, 0)   # time order within each given split
                 s[sp][:] = tr
         else:
-            tr, dv, te = split_by_time([ex for ex, _, _ in rows], n_test, n_dev)
+            tr, dv, te = split_by_time([ex for ex, _, _ in rows], n_test, n_dev, **frac)
             s = UserSplit(user, tr, dv, te)
         if not s.train:
             probs.report(rows[0][2], f"user {user!r} has no training data ({len(rows)} example(s); "
-                                     f"{n_test} test + {n_dev} dev are held out first)", "user_without_training_data")
+                                     f"{len(s.test)} test + {len(s.dev)} dev are held out first by the split "
+                                     f"{spec})", "user_without_training_data")
             continue
         out[user] = s
     return out

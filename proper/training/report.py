@@ -1,6 +1,7 @@
 """Readable results of a ``proper train`` run: markdown tables and a plot of error by user profile size.
 
     proper eval RUN_DIR --report RUN_DIR/results.md      # writes results.md and results_by_profile.png
+    proper eval RUN_A RUN_B RUN_C --report RESULTS_tables.md   # several seeds: training/results.py
 
 Everything comes from RUN_DIR/metrics.json, so the tables of RESULTS.md can be regenerated from a run folder.
 """
@@ -10,12 +11,18 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..data import BUCKET_ORDER
+from ..data import BUCKET_ORDER, profile_bucket
+
+#: The sparse users' bucket (<= 20 training ratings): reported first in every paired table.
+SPARSE_BUCKET = profile_bucket(20)
+#: Order of the paired tables' scopes: all test ratings, the sparse bucket, then the other buckets.
+SCOPE_ORDER = ("all", SPARSE_BUCKET) + tuple(b for b in BUCKET_ORDER if b != SPARSE_BUCKET)
 
 #: What each system is, in one line (rows of the results table, in this order; unknown names follow).
 SYSTEMS = {
     "user_mean": "the user's mean training rating (classic baseline)",
     "item_mean": "the movie's mean training rating over the selected users",
+    "mf_svd": "biased matrix factorisation (scikit-surprise SVD, defaults) on the same training ratings",
     "base": "SmolLM2-135M-Instruct, untouched",
     "population": "stage 1: one LoRA trained on every user",
     "group": "stage 2: K experts + user-aware router",
@@ -99,7 +106,7 @@ def plot_by_profile(metrics: Dict[str, Any], png, systems: Optional[List[str]] =
             k = key if any(key in bs.get(b, {}) for b in buckets) else key.replace("_expected", "")
             xs = [i for i, b in enumerate(buckets) if b in bs]
             style = dict(lw=2.6, marker="o") if n == "proper" else dict(lw=1.3, marker=".", alpha=0.85)
-            if n in ("user_mean", "item_mean"):
+            if n in ("user_mean", "item_mean", "mf_svd"):
                 style.update(ls="--")
             ax.plot(xs, [bs[buckets[i]][k] for i in xs], label=n, **style)
         ax.set_xticks(range(len(buckets)), [f"{b}\n(n={first[b]['n']})" if b in first else b for b in buckets])
@@ -120,15 +127,92 @@ def plot_by_profile(metrics: Dict[str, Any], png, systems: Optional[List[str]] =
 
 
 def paired_bootstrap(err_a, err_b, n_boot: int = 5000, seed: int = 0) -> Dict[str, float]:
-    """Mean of err_a - err_b over the same examples and its 95% percentile-bootstrap interval (examples
-    resampled with replacement, both systems together)."""
+    """Mean of err_a - err_b over the same examples, its bootstrap standard error (``se``) and 95% percentile
+    interval (examples resampled with replacement, both systems together). Resamples are drawn in blocks so a
+    large test set needs no n_boot x n index matrix; the draws are the same as in one block."""
     import numpy as np
 
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot!r}")
     d = np.asarray(err_a, float) - np.asarray(err_b, float)
-    idx = np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))
-    boots = d[idx].mean(1)
+    if d.ndim != 1 or not d.size:
+        raise ValueError(f"err_a and err_b must be equal-length non-empty 1-D sequences, got shape {d.shape}")
+    rng = np.random.default_rng(seed)
+    block = max(1, 2_000_000 // len(d))
+    boots = np.concatenate([d[rng.integers(0, len(d), (min(block, n_boot - s), len(d)))].mean(1)
+                            for s in range(0, n_boot, block)])
     return {"diff": float(d.mean()), "lo": float(np.percentile(boots, 2.5)), "hi": float(np.percentile(boots, 97.5)),
-            "n": int(len(d))}
+            "se": float(boots.std(ddof=1)) if n_boot > 1 else 0.0, "n": int(len(d))}
+
+
+def verdict(b: Dict[str, float]) -> str:
+    """"better" / "worse" (for a difference of errors: lower is better) only where the 95% interval excludes 0,
+    else "tie"."""
+    return "better" if b["hi"] < 0 else ("worse" if b["lo"] > 0 else "tie")
+
+
+#: What PROPER is paired against, in table order: the classic rows, then the trained stages and the OPPU-style
+#: population + independent per-user LoRA ablation.
+BASELINES = ("user_mean", "item_mean", "mf_svd", "population", "group", "population+user")
+
+
+def load_predictions(run_dir) -> Optional[Dict[str, Any]]:
+    """RUN_DIR/predictions.json (per-example targets and every system's predictions), or None without one."""
+    path = Path(run_dir) / "predictions.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def bucket_scopes(sizes) -> List[tuple]:
+    """[(label, example indices)] in SCOPE_ORDER: ``"all"``, then the sparse bucket ``"<=20"``, then the other
+    profile-size buckets in BUCKET_ORDER (empty ones left out) -- the sparse users are where personalisation
+    has to earn its keep, so they lead."""
+    import numpy as np
+
+    labels = [profile_bucket(int(n)) for n in sizes]
+    scopes = [("all", np.arange(len(labels)))]
+    for b in SCOPE_ORDER[1:]:
+        idx = np.asarray([i for i, lab in enumerate(labels) if lab == b], dtype=int)
+        if idx.size:
+            scopes.append((b, idx))
+    return scopes
+
+
+def proper_vs_baselines(preds: Dict[str, Any], system: str = "proper", baselines=BASELINES, key: str = "pred",
+                        n_boot: int = 5000, seed: int = 0) -> List[Dict[str, Any]]:
+    """Paired bootstrap of |error| of ``system`` minus |error| of each baseline present in ``preds`` (the
+    predictions.json dict), overall and per profile bucket (:func:`bucket_scopes` order). One row per
+    (scope, baseline): ``scope``, ``baseline``, ``ratings``, ``users`` and the :func:`paired_bootstrap` keys."""
+    import numpy as np
+
+    ex = preds["examples"]
+    y = np.asarray([float(e["target"]) for e in ex])
+    sysp = {k: v for k, v in preds["systems"].items() if v is not None and key in v}
+    if system not in sysp:
+        raise KeyError(f"system {system!r} has no {key!r} predictions (has: {sorted(sysp)})")
+    err = {k: np.abs(np.asarray(v[key], float) - y) for k, v in sysp.items() if k == system or k in baselines}
+    users = np.asarray([str(e["user"]) for e in ex])
+    rows = []
+    for scope, idx in bucket_scopes([e["profile_size"] for e in ex]):
+        for b in (b for b in baselines if b in err and b != system):
+            rows.append({"scope": scope, "baseline": b, "ratings": int(idx.size),
+                         "users": int(len(set(users[idx]))),
+                         **paired_bootstrap(err[system][idx], err[b][idx], n_boot=n_boot, seed=seed)})
+    return rows
+
+
+def fmt_ci(b: Dict[str, float]) -> str:
+    return f"[{b['lo']:+.3f}, {b['hi']:+.3f}]"
+
+
+def contrast_table(rows: List[Dict[str, Any]], system: str = "proper") -> str:
+    """Markdown of :func:`proper_vs_baselines` rows: one line per (scope, baseline), scopes in row order."""
+    lines = [f"| test ratings (users) | {system} - baseline | MAE diff | SE | 95% CI | verdict |",
+             "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        scope = "all" if r["scope"] == "all" else f"profile {r['scope']}"
+        lines.append(f"| {scope}: {r['ratings']} ({r['users']}) | {system} - {r['baseline']} | {r['diff']:+.3f} | "
+                     f"{r['se']:.3f} | {fmt_ci(r)} | {verdict(r)} |")
+    return "\n".join(lines)
 
 
 def comparison_table(run_dir, against: str = "user_mean") -> Optional[str]:
@@ -187,6 +271,13 @@ def write_report(run_dir, out_md, png: Optional[str] = None, metrics: Optional[D
     if comp:
         text += ("\nPaired against the user-mean baseline on the same test ratings (negative = lower error than "
                  "user_mean; 'better'/'worse' only where the 95% bootstrap interval excludes 0):\n\n" + comp + "\n")
+    preds = load_predictions(run_dir) if m.get("task", "rating") == "rating" else None
+    if preds is not None and "proper" in preds["systems"]:
+        text += ("\nPROPER paired against each baseline on the same test ratings: mean of |error| of proper minus "
+                 "|error| of the baseline (negative = PROPER better), its bootstrap SE and 95% percentile interval "
+                 "(5000 resamples of the test ratings, seed 0); 'better'/'worse' only where the interval excludes "
+                 "0. Overall, then by training-profile size, sparse users (<=20) first:\n\n"
+                 + contrast_table(proper_vs_baselines(preds)) + "\n")
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(text)
     return out_md

@@ -93,7 +93,8 @@ def run_train(cfg: TrainConfig, *, model_loader: Optional[Callable[[], Tuple[Any
     t0 = time.time()
     if resume_state is None:
         if ds.task == "rating":
-            tr.state["systems"].update(classic_baselines(ds, tr.test_examples, tr.state.setdefault("predictions", {})))
+            tr.state["systems"].update(classic_baselines(ds, tr.test_examples, tr.state.setdefault("predictions", {}),
+                                                         seed=cfg.seed))
         set_stage(model, "population")
         tr.evaluate_system("base")
     stages = [s for s in STAGES if not (s == "group" and cfg.num_experts == 0)]

@@ -225,11 +225,13 @@ def movielens():
 def test_movielens_counts(movielens):
     ds = movielens
     assert len(ds) == 943 and ds.skipped == {}
+    assert ds.meta["split"] == {"test_frac": 0.1, "dev_frac": 0.1, "min_test": 2, "min_dev": 2}
     c = ds.counts()
     assert c["train"] + c["dev"] + c["test"] == 100_000
-    assert c["dev"] == 943 and c["test"] == 2 * 943
-    sizes = [len(s.train) + 3 for s in ds.users.values()]
-    assert min(sizes) == 20 and max(sizes) == 737
+    sizes = {u: len(s.train) + len(s.dev) + len(s.test) for u, s in ds.users.items()}
+    assert min(sizes.values()) == 20 and max(sizes.values()) == 737
+    expect = sum(max(2, -(-n // 10)) for n in sizes.values())   # ceil(n / 10), at least 2
+    assert c["dev"] == expect and c["test"] == expect
     assert ds.user_list[:3] == ["1", "2", "3"] and ds.user_list[-1] == "943"
     assert ds.task == "rating"
 
@@ -239,8 +241,84 @@ def test_movielens_time_split(movielens):
         seq = s.train + s.dev + s.test
         keys = [(e.time, int(e.meta["item"])) for e in seq]
         assert keys == sorted(keys)          # time order, ties by item id
-        assert len(s.test) == 2 and len(s.dev) == 1
+        k = max(2, -(-len(seq) // 10))
+        assert len(s.test) == k and len(s.dev) == k
         assert all(e.target in D.RATINGS and int(e.target) == e.meta["rating"] for e in seq)
+
+
+def test_movielens_fixed_count_split_still_available():
+    ds = D.load_movielens_100k(test_frac=None, dev_frac=None)
+    assert ds.meta["split"] == {"n_test": 2, "n_dev": 1}
+    assert ds.counts()["dev"] == 943 and ds.counts()["test"] == 2 * 943
+    assert D.load_dataset("movielens-100k", test_frac=None, dev_frac=None, n_test=3).counts()["test"] == 3 * 943
+    with pytest.raises(ValueError, match="n_test"):
+        D.load_movielens_100k(n_test=3)        # a count with the (default) fraction would be ignored
+
+
+def test_movielens_by_name_gets_the_fractional_split(movielens):
+    ds = D.load_dataset("movielens-100k")
+    assert ds.meta["split"] == D.MOVIELENS_SPLIT
+    assert ds.counts() == movielens.counts()
+
+
+def _timed(n, shuffle_seed=0):
+    import random
+
+    exs = [D.Example("u", f"q{i}", "3", float(i)) for i in range(n)]
+    random.Random(shuffle_seed).shuffle(exs)          # split_by_time must sort them
+    return exs
+
+
+@pytest.mark.parametrize("n, n_test, n_dev", [(20, 2, 2), (25, 3, 3), (30, 3, 3), (100, 10, 10), (101, 11, 11),
+                                              (3, 2, 2), (1, 2, 2)])
+def test_fractional_split_counts_order_and_no_overlap(n, n_test, n_dev):
+    tr, dv, te = D.split_by_time(_timed(n), test_frac=0.1, dev_frac=0.1, min_test=2, min_dev=2)
+    assert (len(te), len(dv)) == (min(n, n_test), min(max(0, n - n_test), n_dev))
+    assert len(tr) == max(0, n - n_test - n_dev)
+    times = [e.time for e in tr + dv + te]
+    assert times == [float(i) for i in range(n)]      # train < dev < test in time, each in order, nothing lost
+    assert len({e.input for e in tr + dv + te}) == n  # no example in two splits
+
+
+def test_fractional_split_minimums_and_fractions_are_separate():
+    assert D.holdout_counts(20, test_frac=0.2, dev_frac=0.05, min_test=1, min_dev=3) == (4, 3)
+    assert D.holdout_counts(20, test_frac=0.0, dev_frac=0.0, min_test=0, min_dev=0) == (0, 0)
+    assert D.holdout_counts(20, n_test=5, n_dev=4) == (5, 4)           # fixed form ignores min_*
+    tr, dv, te = D.split_by_time(_timed(10), 3, 2)
+    assert (len(tr), len(dv), len(te)) == (5, 2, 3)
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(test_frac=1.0, dev_frac=0.0), "test_frac"), (dict(test_frac=-0.1, dev_frac=0.1), "test_frac"),
+    (dict(test_frac=0.1, dev_frac=1.5), "dev_frac"), (dict(test_frac=0.1), "dev_frac"),
+    (dict(dev_frac=0.1), "dev_frac"), (dict(test_frac=0.6, dev_frac=0.4), "test_frac \\+ dev_frac"),
+    (dict(test_frac="0.1", dev_frac=0.1), "test_frac"), (dict(test_frac=0.1, dev_frac=0.1, min_test=-1), "min_test"),
+    (dict(test_frac=0.1, dev_frac=0.1, min_dev=1.5), "min_dev"), (dict(n_test=-1), "n_test"),
+    (dict(n_dev=-2), "n_dev")])
+def test_split_arguments_are_validated_by_name(kw, name):
+    with pytest.raises(ValueError, match=name):
+        D.split_by_time(_timed(10), **kw)
+    with pytest.raises(ValueError, match=name):
+        D.split_spec(**kw)
+
+
+def test_movielens_bad_split_argument_fails_before_reading(tmp_path):
+    with pytest.raises(ValueError, match="dev_frac"):
+        D.load_movielens_100k(tmp_path, dev_frac=2.0)     # tmp_path has no files: the argument error comes first
+
+
+def test_finish_users_fractional_split_reports_user_without_training_data(tmp_path):
+    from collections import OrderedDict
+
+    from proper.data.schema import _finish_users, _Problems
+
+    rows = OrderedDict(a=[(e, None, f"f:{i}") for i, e in enumerate(_timed(4))],
+                       b=[(e, None, f"g:{i}") for i, e in enumerate(_timed(30))])
+    probs = _Problems("skip")
+    out = _finish_users(rows, probs, test_frac=0.1, dev_frac=0.1, min_test=2, min_dev=2)
+    assert list(out) == ["b"] and [len(out["b"][sp]) for sp in D.SPLITS] == [24, 3, 3]
+    assert probs.skipped == {"user_without_training_data": 1}
+    assert "2 test + 2 dev" in probs.problems[0] and "test_frac" in probs.problems[0]
 
 
 def test_movielens_prompt(movielens):

@@ -1,0 +1,159 @@
+"""RESULTS tables over several seeds: one run folder per seed, everything read from the committed files.
+
+    proper eval results/a results/b results/c --report RESULTS_tables.md
+
+(a) MAE/RMSE of every system per seed, (b) PROPER minus each baseline per seed (paired bootstrap on the same
+test ratings: mean difference of |error|, SE, 95% interval, verdict), (c) the same per profile-size bucket,
+sparse users (<= 20 training ratings) first, (d) how many test ratings and users each seed scored. A single
+seed's 128 ratings cannot separate systems a few hundredths apart; the point of (b)/(c) is to show that
+per seed rather than average it away.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .report import (BASELINES, SCOPE_ORDER, SPARSE_BUCKET, _order, bucket_scopes, fmt_ci, load_metrics,
+                     load_predictions, proper_vs_baselines, verdict)
+
+
+def load_runs(run_dirs: Sequence, system: str = "proper", n_boot: int = 5000, seed: int = 0) -> List[Dict[str, Any]]:
+    """Each run folder's metrics, predictions (None without predictions.json), label (``s<seed>``, the folder
+    name where seeds repeat or are missing) and its paired contrasts (None without predictions)."""
+    if isinstance(run_dirs, (str, Path)) or not len(run_dirs):
+        raise ValueError(f"run_dirs must be a non-empty list of run folders, got {run_dirs!r}")
+    runs = []
+    for d in run_dirs:
+        m = load_metrics(d)
+        p = load_predictions(d)
+        has = p is not None and system in p["systems"] and p["systems"][system] is not None
+        runs.append({"dir": Path(d), "metrics": m, "preds": p,
+                     "contrasts": proper_vs_baselines(p, system, n_boot=n_boot, seed=seed) if has else None})
+    seeds = [r["metrics"].get("config", {}).get("seed") for r in runs]
+    unique = None not in seeds and len(set(seeds)) == len(seeds)
+    for r, s in zip(runs, seeds):
+        r["label"] = f"s{s}" if unique else r["dir"].name
+    return runs
+
+
+def _mean(xs: List[float]) -> Optional[float]:
+    return sum(xs) / len(xs) if xs else None
+
+
+def seed_summary_table(runs: List[Dict[str, Any]]) -> str:
+    """(a) One row per system: MAE per seed, mean MAE over the seeds that have it (lowest in bold), RMSE per
+    seed."""
+    names = _order({n: None for r in runs for n in r["metrics"]["systems"]})
+    labels = [r["label"] for r in runs]
+    means = {n: _mean([r["metrics"]["systems"][n]["mae"] for r in runs if n in r["metrics"]["systems"]])
+             for n in names}
+    best = min(v for v in means.values() if v is not None)
+    lines = ["| system | " + " | ".join(f"MAE {lab}" for lab in labels) + " | mean MAE | RMSE " + " / ".join(labels)
+             + " |", "|---|" + "---:|" * (len(labels) + 2)]
+    for n in names:
+        per = [r["metrics"]["systems"].get(n) for r in runs]
+        mae = " | ".join(f"{s['mae']:.3f}" if s else "-" for s in per)
+        rmse = " / ".join(f"{s['rmse']:.3f}" if s else "-" for s in per)
+        mean = f"{means[n]:.3f}" + ("" if all(per) else f" ({sum(map(bool, per))} seeds)")
+        lines.append(f"| {n} | {mae} | {'**' + mean + '**' if means[n] == best else mean} | {rmse} |")
+    return "\n".join(lines)
+
+
+def _cell(row: Dict[str, Any]) -> str:
+    return f"{row['diff']:+.3f} ± {row['se']:.3f} {fmt_ci(row)} {verdict(row)}"
+
+
+def _rows(run: Dict[str, Any], scope: str) -> Dict[str, Dict[str, Any]]:
+    return {r["baseline"]: r for r in run["contrasts"] or [] if r["scope"] == scope}
+
+
+def _baselines(runs: List[Dict[str, Any]]) -> List[str]:
+    present = {r["baseline"] for run in runs for r in run["contrasts"] or []}
+    return [b for b in BASELINES if b in present]
+
+
+def overall_contrast_table(runs: List[Dict[str, Any]], system: str = "proper") -> str:
+    """(b) Per seed, ``system`` minus each baseline on all test ratings: MAE diff, SE, 95% CI, verdict."""
+    lines = [f"| {system} - baseline | seed | MAE diff | SE | 95% CI | verdict |", "|---|---|---:|---:|---:|---|"]
+    for b in _baselines(runs):
+        for run in runs:
+            r = _rows(run, "all").get(b)
+            if r is None:
+                why = "no predictions.json" if run["preds"] is None else "not in this run"
+                lines.append(f"| {system} - {b} | {run['label']} | - | - | - | {why} |")
+            else:
+                lines.append(f"| {system} - {b} | {run['label']} | {r['diff']:+.3f} | {r['se']:.3f} | {fmt_ci(r)} | "
+                             f"{verdict(r)} |")
+    return "\n".join(lines)
+
+
+def _scopes(runs: List[Dict[str, Any]]) -> List[str]:
+    """Bucket labels present in any run, in :func:`bucket_scopes` order (sparse first), without ``"all"``."""
+    seen = {r["scope"] for run in runs for r in run["contrasts"] or []}
+    return [s for s in SCOPE_ORDER[1:] if s in seen]
+
+
+def bucket_contrast_tables(runs: List[Dict[str, Any]], system: str = "proper") -> str:
+    """(c) One table per profile bucket (sparse first): baselines x seeds, each cell ``diff ± SE [CI] verdict``,
+    with the bucket's test ratings (users) per seed in the header."""
+    labels = [r["label"] for r in runs]
+    out = []
+    for scope in _scopes(runs):
+        sizes = []
+        for run in runs:
+            any_row = next(iter(_rows(run, scope).values()), None)
+            sizes.append(f"{run['label']}: {any_row['ratings']} ratings ({any_row['users']} users)" if any_row
+                         else f"{run['label']}: -")
+        head = f"Profile {scope}" + (" (sparse users)" if scope == SPARSE_BUCKET else "") + " - " + "; ".join(sizes)
+        lines = [head, "", f"| {system} - baseline | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+        for b in _baselines(runs):
+            cells = [_rows(run, scope).get(b) for run in runs]
+            lines.append(f"| {system} - {b} | " + " | ".join(_cell(c) if c else "-" for c in cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def _counts(run: Dict[str, Any]) -> Dict[str, tuple]:
+    """{scope: (test ratings, users)}: from predictions.json when there is one, else from metrics.json."""
+    p = run["preds"]
+    if p is not None:
+        users = [str(e["user"]) for e in p["examples"]]
+        return {s: (int(idx.size), len({users[i] for i in idx}))
+                for s, idx in bucket_scopes([e["profile_size"] for e in p["examples"]])}
+    m = run["metrics"]
+    d = m.get("data", {})
+    first = next(iter(m["systems"].values()))
+    out = {"all": (d.get("test_scored", first.get("n")), d.get("users"))}
+    for b, r in first.get("buckets", {}).items():
+        out[b] = (r["n"], d.get("profile_buckets", {}).get(b))
+    return out
+
+
+def counts_table(runs: List[Dict[str, Any]]) -> str:
+    """(d) Test ratings and users per seed, overall and per bucket (sparse first)."""
+    counts = [_counts(r) for r in runs]
+    scopes = [s for s in SCOPE_ORDER if any(s in c for c in counts)]
+    lines = ["| seed | " + " | ".join("test ratings (users)" if s == "all" else f"profile {s}" for s in scopes) + " |",
+             "|---|" + "---:|" * len(scopes)]
+    for run, c in zip(runs, counts):
+        cells = [f"{c[s][0]} ({'?' if c[s][1] is None else c[s][1]})" if s in c else "-" for s in scopes]
+        lines.append(f"| {run['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def multi_seed_report(run_dirs: Sequence, system: str = "proper", n_boot: int = 5000, seed: int = 0) -> str:
+    """The markdown of (a) .. (d) for the run folders ``run_dirs`` (one per seed, in the given order)."""
+    runs = load_runs(run_dirs, system, n_boot, seed)
+    folders = ", ".join(f"`{r['dir']}` ({r['label']})" for r in runs)
+    missing = [r["label"] for r in runs if r["contrasts"] is None]
+    note = (f"\n\nNo paired intervals for {', '.join(missing)}: no per-example predictions.json with `{system}` "
+            f"in that run folder." if missing else "")
+    how = (f"Paired bootstrap on the same test ratings: mean of |error| of {system} minus |error| of the baseline "
+           f"(negative = {system} better) ± its bootstrap SE, 95% percentile interval ({n_boot} resamples of the "
+           f"test ratings, seed {seed}); 'better'/'worse' only where the interval excludes 0, else 'tie'.")
+    return (f"Runs: {folders}.{note}\n\n"
+            f"### Systems per seed\n\n{seed_summary_table(runs)}\n\n"
+            f"### {system} against each baseline, all test ratings\n\n{how}\n\n{overall_contrast_table(runs, system)}"
+            f"\n\n### {system} against each baseline, by training-profile size (sparse users first)\n\n"
+            f"{bucket_contrast_tables(runs, system) or '(no per-example predictions)'}\n\n"
+            f"### Test ratings and users per seed\n\n{counts_table(runs)}\n")
