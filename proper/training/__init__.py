@@ -29,11 +29,23 @@ Losses (simplest faithful forms; coefficients configurable, see :class:`TrainCon
 
 Cold start: an unknown user (id -1) gets no user LoRA and the population-average gates (the layer's rule).
 
-Routers live in every adapted layer (proper.modules.linear: each ProperLinear has its own user-aware router and
-LoRA-aware router), so a user's "group assignment" is reported as its gates averaged over the layers (top
-group = argmax, entropy of that average), next to the mean of the per-layer entropies. The LoRA-aware
-router's head starts at zero and reads the user LoRAs, whose B starts at zero: its gradient is exactly zero
-at the first user-stage step and non-zero from the second on.
+Routers: by default (``--router-scope model``, ProperConfig.router_scope) ONE user-aware router for the whole
+model: one user embedding table and one head, so each user has one group assignment shared by every adapted
+layer (the paper's "a user's group"); ``heads`` keeps that embedding with a head per layer, ``layer`` gives every
+layer its own router (the form before). The LoRA-aware router is per layer (it reads that layer's user LoRA).
+A user's "group assignment" is reported as its gates averaged over the layers (identical layers with the
+model-level router; top group = argmax, entropy of that average), next to the mean of the per-layer
+entropies. L_lb then has one term (the model-level router's). The LoRA-aware router's head starts at zero and
+reads the user LoRAs, whose B starts at zero: its gradient is exactly zero at the first user-stage step and
+non-zero from the second on.
+
+Per-user early stopping (``--user-select dev``, the default): a user's LoRA sees a few dozen examples, and one
+dev loss over all users cannot say for which users it helps. At the start of the user stage every user's dev
+loss is measured on up to ``select_per_user`` of its own dev examples (the group model: B = 0), and again at
+the end (after the stage's best dev weights are restored); a user whose dev loss did not fall gets its B reset
+to zero (``proper.reset_user_adapters``), so the groups serve it. The same rule applies to the population+user
+ablation (there the population LoRA serves a reset user). Chosen on dev data only; what it kept and reset is in
+metrics.json -> stages -> user -> selection.
 
 Batches: each step draws ``batch_size`` training examples with a generator seeded by (seed, stage, step)
 (uniform over examples, or ``sampling="user"``: a uniform user, then one of its examples), so batches mix
@@ -54,13 +66,17 @@ most one interval and reproduces the same losses, and metrics written as JSON:
     OUT/ablations/<name>/       the trained ablations' own checkpoints and progress
 
 Systems (rating data): user_mean (the user's mean training rating), item_mean (the item's mean training
-rating over the selected users, the global mean for unseen items), base (the untouched model), population,
-group, proper, proper_cold_start (every test user treated as unknown), and two trained ablations of the user
-stage, each a second copy of the model that starts from this run's frozen parts and trains the user LoRAs on
-the same batches: population+user (no groups: the population LoRA plus each user's LoRA, added with w = 1)
-and proper_no_lora_router (the experts and user-aware router, user LoRAs added with w = 1, no LoRA-aware
-router). proper_router_off_at_inference is the trained PROPER model with its LoRA-aware router switched off
-at inference only. LLM systems predict the argmax over the five rating tokens ("mae", "rmse") and the
+rating over the selected users, the global mean for unseen items), mf_svd (biased matrix factorisation,
+scikit-surprise's SVD with its default hyper-parameters, fitted on the same training ratings), base (the
+untouched model), population, group, proper, and the trained ablations of the user stage, each a second copy of
+the model that starts from this run's frozen parts and trains the user LoRAs on the same batches:
+population+user (no groups: the population LoRA, then each user's own LoRA added with w = 1: the OPPU-style
+baseline, Tan et al. 2024 -- a user's LoRA gets gradients only from that user's examples and its Adam rows move
+only on steps holding that user, so each is trained on that user's history alone, in mixed batches) and
+proper_no_lora_router (the experts and user-aware router, user LoRAs added with w = 1, no LoRA-aware router;
+in the tiny budget, or with ``--ablations``). With ``--diagnostics`` (on in the tiny budget): proper_cold_start
+(every test user treated as unknown) and proper_router_off_at_inference (the trained PROPER model with its
+LoRA-aware router switched off at inference only). LLM systems predict the argmax over the five rating tokens ("mae", "rmse") and the
 expectation under their renormalised probabilities ("mae_expected", "rmse_expected"). Metrics
 come from scikit-learn (MAE/RMSE) and rouge-score (ROUGE-1/L, generation data).
 

@@ -121,7 +121,8 @@ def run_train(cfg: TrainConfig, *, model_loader: Optional[Callable[[], Tuple[Any
         run_ablation(name, tr, loader)
     metrics = {"task": ds.task, "systems": tr.state["systems"], "stages": tr.state["stages"],
                "groups": {k: {kk: vv for kk, vv in v.items() if kk != "users"} for k, v in tr.state["groups"].items()},
-               "data": {"name": ds.name, **ds.counts(), "test_scored": len(tr.test_examples),
+               "data": {"name": ds.name, **ds.counts(), "split": ds.meta.get("split"),
+                        "test_scored": len(tr.test_examples),
                         "dev_scored": len(tr.dev_items), "skipped": ds.skipped, "problems": ds.problems[:50],
                         "profile_buckets": _bucket_counts(ds)},
                "config": dataclasses.asdict(cfg), "proper_config": get_state(model).cfg.to_dict(),

@@ -37,11 +37,12 @@ def test_two_process_gloo_run_ends_with_identical_weights(tmp_path, paged):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "proper", "train", "--budget", "tiny", "--num-layers", "2", "--max-users", "4", "--seed", "1",
            "--batch-size", "4", "--steps-population", "3", "--steps-group", "3", "--steps-user", "3",
-           "--eval-every", "3", "--max-history", "4", "--dev-max", "4",
+           "--eval-every", "3", "--max-history", "4", "--dev-max", "4", "--test-max", "8",
            "--ablations", "population+user", "--out", str(out), "--no-progress"]
     if paged:   # 8 users through 4 slots: users are evicted and paged back, each rank into its own store
         cmd[cmd.index("--max-users") + 1] = "8"
         cmd += ["--resident-users", "4"]
+        cmd[cmd.index("--test-max") + 1] = "16"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
@@ -52,7 +53,7 @@ def test_two_process_gloo_run_ends_with_identical_weights(tmp_path, paged):
     for stage in ("population", "group", "user"):
         assert m["stages"][stage]["steps_run"] == 3
     assert {"proper", "population+user", "user_mean"} <= m["systems"].keys()
-    assert m["systems"]["proper"]["n"] == (16 if paged else 8)   # 2 test ratings a user, across both ranks
+    assert m["systems"]["proper"]["n"] == (16 if paged else 8)   # --test-max, scored across both ranks
     if paged:
         assert m["proper_config"]["resident_users"] == 4
         assert (out / "user_store" / "rank1").is_dir()
