@@ -76,8 +76,9 @@ only on steps holding that user, so each is trained on that user's history alone
 proper_no_lora_router (the experts and user-aware router, user LoRAs added with w = 1, no LoRA-aware router;
 in the tiny budget, or with ``--ablations``). With ``--diagnostics`` (on in the tiny budget): proper_cold_start
 (every test user treated as unknown) and proper_router_off_at_inference (the trained PROPER model with its
-LoRA-aware router switched off at inference only). LLM systems predict the argmax over the five rating tokens ("mae", "rmse") and the
-expectation under their renormalised probabilities ("mae_expected", "rmse_expected"). Metrics
+LoRA-aware router switched off at inference only). LLM systems predict the argmax over the five rating
+tokens ("mae", "rmse") and the expectation under their renormalised probabilities ("mae_expected",
+"rmse_expected"). Metrics
 come from scikit-learn (MAE/RMSE) and rouge-score (ROUGE-1/L, generation data).
 
 Modules: config (TrainConfig, presets), model_setup (the base model), batches, losses, evaluation,

@@ -131,7 +131,7 @@ class Trainer:
         ok = np.isfinite(before) & np.isfinite(after)
         res = {"users_kept": int(ok.sum()) - len(reset), "users_reset": len(reset),
                "dev_loss_start": float(np.nanmean(before)), "dev_loss_end": float(np.nanmean(after)),
-               "dev_loss_selected": float(np.nanmean(final))}
+               "dev_loss_selected": float(np.nanmean(final)), "reset": [self.ds.user_list[u] for u in reset]}
         log.info("user selection: kept %d user LoRAs, reset %d; mean per-user dev loss %.4f (start) -> %.4f (end) "
                  "-> %.4f (selected)", res["users_kept"], res["users_reset"], res["dev_loss_start"],
                  res["dev_loss_end"], res["dev_loss_selected"])

@@ -13,6 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from proper import data as D  # noqa: E402
+import proper  # noqa: E402
 import proper.training as T  # noqa: E402
 from proper.cli import train as CT  # noqa: E402
 
@@ -119,6 +120,17 @@ def test_metrics_and_files(straight_run):
     for stage in T.STAGES:
         assert (out / "stages" / stage / "proper_model.safetensors").is_file()
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["finished"] is True
+
+
+@pytest.mark.slow
+def test_per_user_selection_resets_exactly_the_users_it_did_not_help(straight_run):
+    out, metrics, model = straight_run
+    sel = metrics["stages"]["user"]["selection"]
+    names = json.loads((out / "run_config.json").read_text())["users"]
+    assert sel["users_kept"] + sel["users_reset"] == len(names) and len(sel["reset"]) == sel["users_reset"]
+    for row, name in enumerate(names):   # a reset user's B is zero in every layer; a kept user's is not
+        b = torch.stack([layer.user_b[row].abs().sum() for layer in proper.proper_layers(model).values()])
+        assert bool((b == 0).all()) == (name in sel["reset"]), name
 
 
 @pytest.mark.slow
