@@ -71,6 +71,7 @@ class TrainConfig:
     eval_batch_size: int = 16
     sampling: str = "example"          # "example": uniform over training examples; "user": user, then example
     grad_clip: float = 1.0
+    lr_schedule: str = "constant"      # within each stage: "constant" or "cosine" (to 10% at the stage's end)
     backend: str = "auto"
     resume: bool = False
     num_layers: Optional[int] = None   # keep only the first N decoder layers (tests and smoke runs)
@@ -119,6 +120,8 @@ class TrainConfig:
         cfg.ablations = tuple(cfg.ablations)
         if cfg.router_scope not in ROUTER_SCOPES:
             raise ValueError(f"--router-scope must be one of {ROUTER_SCOPES}, got {cfg.router_scope!r}")
+        if cfg.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"--lr-schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
         if cfg.user_select not in ("dev", "none"):
             raise ValueError(f"--user-select must be 'dev' or 'none', got {cfg.user_select!r}")
         if int(cfg.select_per_user) < 1:

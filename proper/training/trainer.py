@@ -3,6 +3,7 @@ checkpoints) and evaluates the systems each stage makes."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -218,6 +219,7 @@ class Trainer:
         self.model.train()
         steps = cfg.steps(stage)
         opt = self._optimizer(stage)
+        base_lrs = [g["lr"] for g in opt.param_groups]   # before a resume's load_state_dict overwrites them
         named = self._trainable_named()
         routers = {id(p) for g in opt.param_groups if g["name"] in ("routers", "router_rows") for p in g["params"]}
         slots = get_state(self.model).slots
@@ -266,6 +268,8 @@ class Trainer:
                 if stage != "population":
                     parts["router_grad_norm"] = _grad_norm([p for p in named.values() if id(p) in routers])
                 parts["grad_norm"] = float(gn)
+                for g, lr in zip(opt.param_groups, base_lrs):
+                    g["lr"] = lr * lr_factor(cfg.lr_schedule, step, steps)
                 opt.step(touched=DD.union_rows(opt.touched_rows()))   # every rank moves the same users
                 hist["steps"].append({"step": step, **parts})
                 bar.update(1)
@@ -325,6 +329,19 @@ class Trainer:
         if DD.is_main():
             save_pretrained(self.model, self.out / "stages" / stage)
 
+
+
+#: The cosine schedule ends at this fraction of the stage's learning rate.
+COSINE_FLOOR = 0.1
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning-rate multiplier of ``step`` (0-based) in a stage of ``steps``: 1 ("constant"), or a cosine
+    from 1 down to COSINE_FLOOR at the last step ("cosine": the last evaluations of a stage see less step noise,
+    so early stopping compares settled weights). A function of the step only, so a resumed stage matches."""
+    if schedule == "constant" or steps <= 1:
+        return 1.0
+    return COSINE_FLOOR + (1.0 - COSINE_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * step / (steps - 1)))
 
 
 def _grad_norm(params) -> float:

@@ -61,6 +61,16 @@ def test_config_validation():
     assert c.steps("user") == 3 and c.steps("group") == T.BUDGETS["tiny"]["steps_group"]
 
 
+def test_lr_schedule():
+    from proper.training.trainer import COSINE_FLOOR, lr_factor
+
+    f = [lr_factor("cosine", s, 50) for s in range(50)]
+    assert f[0] == 1.0 and abs(f[-1] - COSINE_FLOOR) < 1e-12 and all(a > b for a, b in zip(f, f[1:]))
+    assert {lr_factor("constant", s, 50) for s in range(50)} == {1.0} and lr_factor("cosine", 0, 1) == 1.0
+    with pytest.raises(ValueError, match="--lr-schedule"):
+        T.TrainConfig(lr_schedule="linear").resolved()
+
+
 # ---------------------------------------------------------------------------------- end to end (slow)
 @pytest.fixture(scope="module")
 def smollm2():
