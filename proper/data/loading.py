@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .jsonl import read_jsonl
 from .lamp import read_lamp
-from .movielens import MOVIELENS_SPLIT, load_movielens_100k
+from .movielens import load_movielens_100k
 from .schema import DataError, Dataset, PathLike
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -18,7 +18,7 @@ def load_dataset(spec: PathLike, *, on_error: str = "raise", **kw) -> Dataset:
     fixed-count ``n_test``/``n_dev`` split); ``kw`` goes to the reader."""
     s = str(spec)
     if s.lower() in ("movielens-100k", "ml-100k", "movielens"):
-        return load_movielens_100k(on_error=on_error, **{**MOVIELENS_SPLIT, **kw})
+        return load_movielens_100k(on_error=on_error, **kw)   # its defaults are MOVIELENS_SPLIT
     p = Path(s)
     if p.is_dir():
         qs = sorted(p.glob("*questions*.json"))

@@ -90,8 +90,9 @@ def _split_args(test_frac, dev_frac, min_test, min_dev, n_test, n_dev) -> Tuple[
     return 2, 1, {"test_frac": test_frac, "dev_frac": dev_frac, "min_test": min_test, "min_dev": min_dev}
 
 
-def load_movielens_100k(root: Optional[PathLike] = None, *, test_frac: Optional[float] = 0.1,
-                        dev_frac: Optional[float] = 0.1, min_test: int = 2, min_dev: int = 2,
+def load_movielens_100k(root: Optional[PathLike] = None, *, test_frac: Optional[float] = MOVIELENS_SPLIT["test_frac"],
+                        dev_frac: Optional[float] = MOVIELENS_SPLIT["dev_frac"],
+                        min_test: int = MOVIELENS_SPLIT["min_test"], min_dev: int = MOVIELENS_SPLIT["min_dev"],
                         n_test: Optional[int] = None, n_dev: Optional[int] = None, on_error: str = "raise") -> Dataset:
     """MovieLens-100K as a rating :class:`Dataset`: 943 users, 100,000 ratings, targets ``"1"`` .. ``"5"``.
 

@@ -218,12 +218,11 @@ def contrast_table(rows: List[Dict[str, Any]], system: str = "proper") -> str:
 def comparison_table(run_dir, against: str = "user_mean") -> Optional[str]:
     """Paired differences in absolute error (system - ``against``) with 95% bootstrap intervals, from
     RUN_DIR/predictions.json (rating runs); None when the run has no per-example predictions."""
-    path = Path(run_dir) / "predictions.json"
-    if not path.is_file():
+    p = load_predictions(run_dir)
+    if p is None:
         return None
     import numpy as np
 
-    p = json.loads(path.read_text())
     y = np.array([float(e["target"]) for e in p["examples"]])
     sysp = {k: v for k, v in p["systems"].items() if v is not None}
     if against not in sysp or not y.size:
@@ -240,7 +239,8 @@ def comparison_table(run_dir, against: str = "user_mean") -> Optional[str]:
                 cells.append("-")
                 continue
             b = paired_bootstrap(np.abs(np.asarray(sysp[name][key], float) - y), base_err)
-            mark = " (better)" if b["hi"] < 0 else (" (worse)" if b["lo"] > 0 else "")
+            v = verdict(b)
+            mark = "" if v == "tie" else f" ({v})"
             cells.append(f"{b['diff']:+.3f} [{b['lo']:+.3f}, {b['hi']:+.3f}]{mark}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
