@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
+import torch
+
 from proper_kernels import BACKENDS as _KERNEL_BACKENDS
 
 # The paper puts its LoRAs on the FFN projections; attention projections are opt-in.
@@ -15,6 +17,7 @@ FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")
 LLAMA_ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BACKENDS = ("auto", *_KERNEL_BACKENDS)   # the op's own registry: a new kernel backend is accepted here too
 STORE_DTYPES = ("float32", "bfloat16")
+ADAPTER_DTYPES = ("float32", "bfloat16")
 ROUTER_SCOPES = ("model", "heads", "layer")
 
 
@@ -62,8 +65,15 @@ class ProperConfig:
                      mapped segment files there (only with resident_users).
     store_dtype      "float32" or "bfloat16": the dtype of the stored weights and moments (bf16 halves the
                      store; every eviction then rounds the user's rows to bf16).
-    resident_users, user_store and store_dtype are runtime switches (RUNTIME_FIELDS): a checkpoint does not
-    depend on them, and loads with any of them.
+    adapter_dtype    None (the base weights' dtype), "float32" or "bfloat16": the dtype of the adapter weights
+                     (population, experts, users; the routers keep the base dtype). bf16 halves the bytes a decode
+                     step reads (the adapters of a batch's users can weigh as much as the base model); the layer
+                     casts its input to it for the op (as peft does), the op accumulates in fp32, and on the cpu
+                     backend the fp32 delta is added into the base output without a bf16 rounding. Meant for
+                     serving: training it is pure bf16 (bf16 Adam moments too); train in fp32 and load the
+                     checkpoint with ``from_pretrained(..., adapter_dtype="bfloat16")``.
+    resident_users, user_store, store_dtype and adapter_dtype are runtime switches (RUNTIME_FIELDS): a checkpoint
+    does not depend on them, and loads with any of them.
     """
 
     num_users: int = 1
@@ -89,6 +99,7 @@ class ProperConfig:
     resident_users: Optional[int] = None
     user_store: Optional[str] = None
     store_dtype: str = "float32"
+    adapter_dtype: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)   # free-form notes kept through save/load
 
     def __post_init__(self):
@@ -135,6 +146,9 @@ class ProperConfig:
                                  "are not resident; with resident_users=None every user is in the model)")
         if self.store_dtype not in STORE_DTYPES:
             raise ValueError(f"ProperConfig: 'store_dtype' must be one of {STORE_DTYPES}, got {self.store_dtype!r}")
+        if self.adapter_dtype is not None and self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"ProperConfig: 'adapter_dtype' must be None (the base weights' dtype) or one of "
+                             f"{ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"ProperConfig: 'extra' must be a dict, got {type(self.extra).__name__}")
         if self.backend not in BACKENDS:
@@ -193,6 +207,10 @@ class ProperConfig:
         return self.scale(self.user_alpha, self.user_rank)
 
     # ---- JSON
+    def adapter_torch_dtype(self, base_dtype: torch.dtype) -> torch.dtype:
+        """The adapter weights' dtype for a base layer of dtype ``base_dtype``."""
+        return base_dtype if self.adapter_dtype is None else getattr(torch, self.adapter_dtype)
+
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         if isinstance(d["target_modules"], tuple):
@@ -200,7 +218,7 @@ class ProperConfig:
         return d
 
     #: Fields that steer how the model runs, not what it is: never saved, ignored when comparing models.
-    RUNTIME_FIELDS = ("backend", "resident_users", "user_store", "store_dtype")
+    RUNTIME_FIELDS = ("backend", "resident_users", "user_store", "store_dtype", "adapter_dtype")
 
     def saved_dict(self) -> Dict[str, Any]:
         """to_dict() without the runtime switches (what a checkpoint stores)."""

@@ -90,6 +90,7 @@ class UserBatch:
         self.has_unknown = lo < 0                        # some sequence has no user (cold start)
         self.has_known = hi >= 0                         # some sequence has a user adapter
         self.cache = BoundedCache(ROUTING_ENTRIES)       # per-layer routing under no_grad (modules/linear.py)
+        self.prepared = BoundedCache(ROUTING_ENTRIES)    # per-layer prepared routed_lora calls under no_grad
         self._rows = BoundedCache()
         self._tokens = BoundedCache()
 

@@ -8,6 +8,11 @@ Layering: checks.validate -> (custom op proper::routed_lora, autograd via proper
     forward(problem) -> Tensor [T, d_out]
     backward(grad_out, problem, needs) -> 7 gradients in checks.GRAD_NAMES order (None where not needed)
 
+and optionally
+
+    forward_into(problem, out) -> out | None     adds the delta into `out` in place (None: cannot, for that out)
+    bind_forward(problem) -> run(x, out)         the same with every argument but x bound once (prepared.py)
+
 and are imported lazily, so importing proper_kernels never imports Triton or a compiled library.
 """
 from __future__ import annotations
@@ -210,14 +215,24 @@ def routed_lora(x: Tensor, expert_a: Optional[Tensor], expert_b: Optional[Tensor
         return out if out is not None else x.new_zeros((x.shape[0], p.d_out))
     name = resolve_backend(backend, str(x.device), x.dtype)
     if _direct(p):
+        if out is not None and x.shape[0]:
+            into = getattr(_backend_module(name), "forward_into", None)   # adds into out itself, if it can
+            done = into(p, out) if into is not None else None
+            if done is not None:
+                return done
         delta = _forward(p, name)
     else:
-        lay = p.layout if p.layout is not None else (None, None, None)
-        delta = torch.ops.proper.routed_lora(p.x, p.expert_a, p.expert_b, p.gates, p.user_a, p.user_b, p.user_ids,
-                                             p.user_ranks, p.expert_scale, p.user_scale, p.user_weight, name, *lay)
+        delta = _op_call(p, name)
     if out is not None:
         return out.add_(delta)
     return delta
+
+
+def _op_call(p: Problem, backend: str) -> Tensor:
+    """The delta through the custom op (autograd, tracing)."""
+    lay = p.layout if p.layout is not None else (None, None, None)
+    return torch.ops.proper.routed_lora(p.x, p.expert_a, p.expert_b, p.gates, p.user_a, p.user_b, p.user_ids,
+                                        p.user_ranks, p.expert_scale, p.user_scale, p.user_weight, backend, *lay)
 
 
 def routed_lora_reference(x, expert_a, expert_b, gates, user_a, user_b, user_ids, **kwargs) -> Tensor:

@@ -496,6 +496,22 @@ void pack_bt_t<float>(const float* B, int64_t ldb, int rank, int64_t O, float* B
     for (int64_t o = (j < r8 ? O8 : 0); o < O; ++o) dst[o] = B[o * ldb + j];
   }
 }
+// bf16: each 8 x 8 block widened to fp32 (vector loads) into a small buffer, then the same register transpose.
+template <>
+void pack_bt_t<uint16_t>(const uint16_t* B, int64_t ldb, int rank, int64_t O, float* Bt, int64_t ldt) {
+  const int64_t O8 = O / 8 * 8;
+  const int r8 = rank / 8 * 8;
+  float tmp[8 * 16];  // 8 rows of 8 values; copy_row writes a whole vector (<= 16 floats) per row
+  for (int64_t o = 0; o < O8; o += 8)
+    for (int j = 0; j < r8; j += 8) {
+      for (int i = 0; i < 8; ++i) copy_row(B + (o + i) * ldb + j, 8, tmp + i * 16);
+      V::transpose8(tmp, 16, Bt + (int64_t)j * ldt + o, ldt);
+    }
+  for (int j = 0; j < rank; ++j) {
+    float* dst = Bt + (int64_t)j * ldt;
+    for (int64_t o = (j < r8 ? O8 : 0); o < O; ++o) dst[o] = ld1(B + o * ldb + j);
+  }
+}
 // dst[r * ldd + c] = src[r * lds + c] in fp32, r < rows, c < cols (zero-padded to a whole vector).
 template <class TI>
 static void pack_rows_t(const TI* src, int64_t lds, int rows, int64_t cols, float* dst, int64_t ldd) {

@@ -88,6 +88,10 @@ constexpr int64_t kGradCols = 256;     // d columns per dx item
 constexpr int64_t kTnCols = 2048;
 constexpr int64_t kChunkBytes = 512 * 1024;  // x rows of one chunk (kept in L2 while all its groups run)
 constexpr int32_t kPackMin = 8;        // groups with at least this many tokens use packed fp32 weight copies
+// Experts pack B^T for their forward expand from fewer tokens: a decode step gives each of K experts ~T top_k / K
+// tokens, and without the packed copy every (token, 8 outputs) pays a horizontal reduction; packing reads B once
+// (it is cache-resident across steps), then every load of B^T is shared by the expert's tokens.
+constexpr int32_t kPackMinExpert = 2;   // measured: 2 beats 4 and 8 in both dtypes at decode shapes
 
 // Row stride of a packed fp32 copy: a whole number of 16-float vectors plus one, so that consecutive rows of a
 // power-of-two width do not all fall into the same cache sets.
@@ -346,23 +350,38 @@ void parallel_items(int64_t n, int nthreads, const F& f) {
 at::Tensor maybe_to(const at::Tensor& t, at::ScalarType st) { return t.scalar_type() == st ? t : t.to(st); }
 
 // ---------------------------------------------------------------------------------------------- forward
-at::Tensor cpu_forward(const at::Tensor& x, const c10::optional<at::Tensor>& ea, const c10::optional<at::Tensor>& eb,
+at::Tensor cpu_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& ea, const c10::optional<at::Tensor>& eb,
                        const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& ua,
                        const c10::optional<at::Tensor>& ub, const c10::optional<at::Tensor>& ids,
                        const c10::optional<at::Tensor>& ranks, double expert_scale,
-                       const c10::optional<at::Tensor>& us, const c10::optional<at::Tensor>& w, int64_t d_out) {
+                       const c10::optional<at::Tensor>& us, const c10::optional<at::Tensor>& w, int64_t d_out,
+                       const c10::optional<at::Tensor>& out) {
   const int nt = std::max(1, at::get_num_threads());
   const KernelTable* K = kt();
+  // x [..., d_in] and out [..., d_out] may carry leading dims (a layer's [B, S, d]): viewed as [T, d] here, in
+  // C++, so a decode step pays for no Python-level reshape
+  TORCH_CHECK(x_in.dim() >= 1, "proper_kernels cpu: x must be [T, d_in]");
+  const at::Tensor x = x_in.dim() == 2 ? x_in : x_in.reshape({-1, x_in.size(-1)});
   Plan p = make_plan(x, ea, eb, gates, ua, ub, ids, ranks, expert_scale, us, w, d_out, nt);
+  // With `out` (fp32, contiguous [T, d_out]) the delta is added into it here (the decode step's output is the
+  // base layer's own y), with no Python-level add; as a separate fp32 add of the finished delta, so the result
+  // is bitwise the one of routed_lora(...) + out (the traced custom op path). Without it: a fresh delta.
+  const bool acc = out.has_value();
+  if (acc) {
+    TORCH_CHECK(out->scalar_type() == at::kFloat && out->is_contiguous() && out->dim() >= 1 &&
+                    out->numel() == p.T * p.O && out->size(-1) == p.O && out->device().is_cpu(),
+                "proper_kernels cpu: 'out' must be a contiguous fp32 CPU tensor [T, d_out]");
+  }
   at::Tensor y = at::empty({p.T, p.O}, x.options().dtype(at::kFloat));
-  if (p.T == 0) return maybe_to(y, x.scalar_type());
+  if (p.T == 0) return acc ? *out : maybe_to(y, x.scalar_type());
   std::vector<float> H((size_t)std::max<int64_t>(1, p.nslots));
   const void* xp = x.data_ptr();
 
   // Groups with many tokens expand through B^T: each expand item packs the block of B^T it needs (fp32, in L1)
   std::vector<char> use_bt(p.groups.size(), 0);
   for (size_t gi = 0; gi < p.groups.size(); ++gi)
-    use_bt[gi] = p.grp_ptr[gi + 1] - p.grp_ptr[gi] >= kPackMin && p.groups[gi].rank > 0;
+    use_bt[gi] = p.grp_ptr[gi + 1] - p.grp_ptr[gi] >= ((int)gi < p.K ? kPackMinExpert : kPackMin) &&
+                 p.groups[gi].rank > 0;
   int64_t rank_cap = 1;
   for (const GroupDesc& g : p.groups) rank_cap = std::max<int64_t>(rank_cap, g.rank);
   const int64_t ldt = padded_ld(kExpandCols);
@@ -426,6 +445,7 @@ at::Tensor cpu_forward(const at::Tensor& x, const c10::optional<at::Tensor>& ea,
         K->rowdot(p.dt, g.b, g.ldb, g.rank, o0, o1, p.ent.data(), idx, tk.len, H.data(), yp, p.O);
     }
   });
+  if (acc) return out->add_(y.view(out->sizes()));
   return maybe_to(y, x.scalar_type());
 }
 
@@ -649,7 +669,7 @@ void register_cpu(pybind11::module& m) {
         pybind11::arg("x"), pybind11::arg("expert_a"), pybind11::arg("expert_b"), pybind11::arg("gates"),
         pybind11::arg("user_a"), pybind11::arg("user_b"), pybind11::arg("user_ids"), pybind11::arg("user_ranks"),
         pybind11::arg("expert_scale"), pybind11::arg("user_scale"), pybind11::arg("user_weight"),
-        pybind11::arg("d_out"));
+        pybind11::arg("d_out"), pybind11::arg("out") = pybind11::none());
   m.def("cpu_backward", &cpu_backward,
         "routed_lora backward on CPU: [dx, d_expert_a, d_expert_b, d_gates, d_user_a, d_user_b, d_user_weight]",
         pybind11::arg("grad_out"), pybind11::arg("x"), pybind11::arg("expert_a"), pybind11::arg("expert_b"),

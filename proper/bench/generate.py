@@ -8,6 +8,7 @@ every provider does the same work):
     base          the model's own generate
     proper[B]     proper with user rank 16 + K=8 experts of rank 16, top-2, LoRA-aware router, all seven Llama
                   projections, one user per prompt; once per routed_lora backend B available on this CPU
+    proper[B,bf16]  the same adapters held in bf16 (ProperConfig(adapter_dtype="bfloat16")), first backend only
     peft          peft's mixed-adapter batch (adapter_names=...) with one rank-16 adapter per user
 Every provider runs --reps times, interleaved (base, proper..., peft, base, ...) so load changes on a shared
 machine hit them alike; medians are compared as ratios vs base measured in this one run. Goals (issue 5):
@@ -62,6 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", nargs="*", default=None,
                     help="routed_lora backends for proper (default: every one available on CPU)")
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16-adapter provider")
     ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                     help="profile one proper generate when the goal is missed (auto) or always")
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 prompts, 4 tokens, 1 rep")
@@ -93,6 +95,15 @@ def main(argv=None) -> int:
                 return m.generate(**enc, **gen_kw)
 
         runs[f"proper[{b}]"] = run_proper
+    if backends and not args.no_bf16:
+        b = backends[0]
+        models[f"{b},bf16"] = build_proper_serving(base, args.prompts, b, copy_base=True, adapter_dtype="bfloat16")
+
+        def run_bf16(m=models[f"{b},bf16"]):
+            with proper.users(m, user_ids):
+                return m.generate(**enc, **gen_kw)
+
+        runs[f"proper[{b},bf16]"] = run_bf16
     if not args.no_peft:
         pm = build_peft_mixed(base, args.prompts, copy_base=True)
         names = [f"u{u}" for u in range(args.prompts)]
@@ -121,7 +132,7 @@ def main(argv=None) -> int:
     if first is not None:
         res["distinct_user_outputs"] = distinct
     verdicts = {}
-    for b in backends:
+    for b in models:
         k = f"proper[{b}]"
         v = {"vs_base": round(med[k] / med["base"], 3)}
         if "peft" in med:
@@ -139,8 +150,8 @@ def main(argv=None) -> int:
             with torch.no_grad(), proper.users(m, user_ids):
                 m.generate(**enc, **gen_kw)
 
-        res["profile"] = {"backend": b, **profile_one(one, out / f"bench_generate_profile_{b}.txt"),
-                          "table": f"bench_generate_profile_{b}.txt"}
+        table = f"bench_generate_profile_{b.replace(',', '_')}.txt"
+        res["profile"] = {"backend": b, **profile_one(one, out / table), "table": table}
         pb = profile_one(lambda: base.generate(**enc, **gen_kw), out / "bench_generate_profile_base.txt")
         res["profile"]["base_total_ms"] = pb["total_ms"]
 

@@ -38,10 +38,12 @@ def randomize(model, std: float = 0.02, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def build_proper_serving(base, users: int, backend: str = "auto", copy_base: bool = False):
-    """`base` with proper's user stage on all seven projections (K = 8 experts r16 top-2 + user LoRA r16)."""
+def build_proper_serving(base, users: int, backend: str = "auto", copy_base: bool = False,
+                         adapter_dtype: Optional[str] = None):
+    """`base` with proper's user stage on all seven projections (K = 8 experts r16 top-2 + user LoRA r16);
+    ``adapter_dtype="bfloat16"``: the same weights held in bf16 (ProperConfig.adapter_dtype)."""
     cfg = proper.ProperConfig(num_users=users, num_experts=8, expert_rank=16, user_rank=16, top_k=2, alpha=32,
-                              target_modules=LLAMA7, lora_router=True, backend=backend)
+                              target_modules=LLAMA7, lora_router=True, backend=backend, adapter_dtype=adapter_dtype)
     model = proper.apply_proper(copy.deepcopy(base) if copy_base else base, cfg)
     randomize(model)
     proper.set_stage(model, "user")

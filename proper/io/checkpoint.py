@@ -282,12 +282,13 @@ _SAVED = object()
 
 def from_pretrained(model: nn.Module, path: Union[str, os.PathLike], *, resident_users=_SAVED,
                     user_store: Union[str, os.PathLike, None] = None, store_dtype: Optional[str] = None,
-                    backend: Optional[str] = None) -> nn.Module:
+                    backend: Optional[str] = None, adapter_dtype: Optional[str] = None) -> nn.Module:
     """Patch `model` (a fresh base model, or one already patched with the same config) and load a save.
 
     The runtime switches apply to a fresh model: ``resident_users`` (default: as the save was made, paged or
-    dense), ``user_store`` (None: CPU memory), ``store_dtype`` and ``backend``. A paged save opens its user store
-    without reading the users (each is read when it is first paged in)."""
+    dense), ``user_store`` (None: CPU memory), ``store_dtype``, ``backend`` and ``adapter_dtype`` (e.g. a model
+    trained in fp32, served with bf16 adapters: the weights are rounded once, at load). A paged save opens its
+    user store without reading the users (each is read when it is first paged in)."""
     path = Path(path)
     info, tensors = read_saved(path)
     where = path / CONFIG_NAME
@@ -296,8 +297,9 @@ def from_pretrained(model: nn.Module, path: Union[str, os.PathLike], *, resident
         d = dict(info["config"])
         d["resident_users"] = (saved_store or {}).get("resident_users") if resident_users is _SAVED \
             else resident_users
-        d.update({k: v for k, v in (("user_store", user_store), ("store_dtype", store_dtype),
-                                    ("backend", backend)) if v is not None})
+        switches = (("user_store", user_store), ("store_dtype", store_dtype), ("backend", backend),
+                    ("adapter_dtype", adapter_dtype))
+        d.update({k: v for k, v in switches if v is not None})
         cfg = ProperConfig.from_dict(d)
     except (TypeError, ValueError) as e:
         raise ValueError(f"proper.from_pretrained: {where}: invalid 'config': {e}") from None

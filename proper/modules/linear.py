@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from proper_kernels import routed_lora
+from proper_kernels import PreparedRoutedLoRA, prepare_routed_lora, routed_lora
 
 from .. import context
 from ..config import ProperConfig
@@ -96,16 +96,17 @@ class ProperLinear(nn.Module):
         self._state = state
         dev, dt = base.weight.device, base.weight.dtype
         d_in, d_out, K, U = self.in_features, self.out_features, cfg.num_experts, cfg.table_rows
-        z = dict(device=dev, dtype=dt)
+        z = dict(device=dev, dtype=dt)                                       # routers: the base dtype
+        za = dict(device=dev, dtype=cfg.adapter_torch_dtype(dt))           # the LoRA weights (adapter_dtype)
 
         self.pop_rank = cfg.pop_rank
         if self.pop_rank:
-            self.population_a = nn.Parameter(torch.empty(1, self.pop_rank, d_in, **z))
-            self.population_b = nn.Parameter(torch.zeros(1, d_out, self.pop_rank, **z))
+            self.population_a = nn.Parameter(torch.empty(1, self.pop_rank, d_in, **za))
+            self.population_b = nn.Parameter(torch.zeros(1, d_out, self.pop_rank, **za))
             _init_a(self.population_a, cfg.init_a, self.pop_rank)
         if K:
-            self.expert_a = nn.Parameter(torch.empty(K, cfg.expert_rank, d_in, **z))
-            self.expert_b = nn.Parameter(torch.zeros(K, d_out, cfg.expert_rank, **z))
+            self.expert_a = nn.Parameter(torch.empty(K, cfg.expert_rank, d_in, **za))
+            self.expert_b = nn.Parameter(torch.zeros(K, d_out, cfg.expert_rank, **za))
             _init_a(self.expert_a, cfg.init_a, cfg.expert_rank)
             shared = state.router   # the model-level router, once the first adapted layer made it
             if cfg.router_scope == "layer" or shared is None:
@@ -117,8 +118,8 @@ class ProperLinear(nn.Module):
                 self.router = UserAwareRouter(U, K, cfg.router_dim, cfg.effective_top_k, cfg.router_init_std,
                                               paged=cfg.paged, shared=shared, **z)
             # router_scope="model": no router here; user_router is the first layer's
-        self.user_a = nn.Parameter(torch.zeros(U, cfg.user_rank, d_in, **z))
-        self.user_b = nn.Parameter(torch.zeros(U, d_out, cfg.user_rank, **z))
+        self.user_a = nn.Parameter(torch.zeros(U, cfg.user_rank, d_in, **za))
+        self.user_b = nn.Parameter(torch.zeros(U, d_out, cfg.user_rank, **za))
         if not cfg.paged:   # every user's initial rows now (a paged model creates them when it pages users in)
             with torch.no_grad():
                 self.user_a.copy_(initial_rows(state, name, "user_a", range(U), self.user_a))
@@ -163,6 +164,11 @@ class ProperLinear(nn.Module):
                 f"experts={c.num_experts}x r{c.expert_rank} top{c.effective_top_k}, population r{self.pop_rank}, "
                 f"lora_router={c.lora_router}")
 
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype the LoRA weights are held in (cfg.adapter_dtype, or whatever model.to(...) made them)."""
+        return self._parameters["user_a"].dtype
+
     def base_forward(self, x: Tensor) -> Tensor:
         """The wrapped layer on x [T, d_in] -> [T, d_out]."""
         if self.conv1d:   # Conv1D: y = x @ W + b with W stored [d_in, d_out]
@@ -177,7 +183,8 @@ class ProperLinear(nn.Module):
         return None if self._full_rank[1] else self.user_ranks
 
     def _route_params(self):
-        """The tensors routing depends on (their version counters key the no_grad cache); listed once, since
+        """The tensors routing depends on, and user_ranks (their version counters key the no_grad caches of
+        routing and of prepared calls); listed once, since
         nn.Module attribute lookups cost more than the check itself. Parameters are updated in place (optimizer
         steps, load_state_dict, copy_), so the list stays valid; del layer._route_list after reassigning one."""
         ps = self.__dict__.get("_route_list")
@@ -198,7 +205,7 @@ class ProperLinear(nn.Module):
             ps += [*r.parameters(), *r.buffers()] + ([] if r.owns_table else [r.table.weight])
         if "lora_router" in self._modules:
             ps += [*self.part_tensors("lora_router").values(), *self.part_tensors("users").values()]
-        return ps
+        return ps + [self.user_ranks]   # the prepared call's user_ranks argument (_ranks_arg) depends on it
 
     def route_users(self, batch: "context.UserBatch", ids: Tensor,
                     stage: str) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -217,6 +224,10 @@ class ProperLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            y = self._prepared_forward(x)
+            if y is not None:
+                return y
         d_in, d_out = self.in_features, self.out_features
         T = x.numel() // d_in
         shape = x.shape[:-1] + (d_out,)
@@ -257,10 +268,71 @@ class ProperLinear(nn.Module):
 
         if self.training and cfg.dropout > 0:
             xf = F.dropout(xf, cfg.dropout)
-        routed_lora(xf, ea, eb, gates, ua, ub, ids_t, user_ranks=self._ranks_arg() if ua is not None else None,
-                    expert_scale=expert_scale, user_scale=self.user_scale if ua is not None else None,
-                    user_weight=w_t, out=y, backend=cfg.backend, check_values=False, layout=lay)   # y += delta
+        same = xf.dtype == self.adapter_dtype   # else the op runs in adapter_dtype and its delta is added to y
+        delta = routed_lora(xf if same else xf.to(self.adapter_dtype), ea, eb, gates, ua, ub, ids_t,
+                            user_ranks=self._ranks_arg() if ua is not None else None, expert_scale=expert_scale,
+                            user_scale=self.user_scale if ua is not None else None, user_weight=w_t,
+                            out=y if same else None, backend=cfg.backend, check_values=False, layout=lay)
+        if not same:
+            y.add_(delta)
         return y.view(shape)
+
+    def _prepared_forward(self, x: Tensor) -> Optional[Tensor]:
+        """The no-grad forward of a routed stage through a prepared routed_lora call (proper_kernels.prepared):
+        the routing, the op's argument checks and the backend's argument conversion happen once per (batch,
+        token shape) and every later call (each decode step) runs only the base layer and the kernel, which
+        adds into the base output. None where this path does not apply (the general forward then runs)."""
+        st = self._state
+        stage = st.stage
+        if stage == "population" or (self.training and st.cfg.dropout > 0):
+            return None
+        batch = context.active_batch(st)
+        if batch is None or type(x) is not torch.Tensor or torch.compiler.is_compiling() or x.device.type == "meta":
+            return None   # the general forward raises the missing-context error / traces the custom op
+        d_in = self.in_features
+        T = x.numel() // d_in
+        if T == 0:
+            return None
+        nb = x.shape[0] if x.dim() >= 2 else 1
+        key = (id(self), stage, context.lora_router_active(st), nb, T // nb, x.device, x.dtype)
+        versions = tuple(p._version for p in self._route_params())
+        hit = batch.prepared.get(key)
+        if hit is None or hit[0] != versions:
+            hit = (versions, self._prepare(batch, stage, x, nb))
+            batch.prepared[key] = hit
+        # x keeps its leading dims (the prepared call and the cpu kernel flatten them): no reshape, no view
+        if self.conv1d:
+            y = self.base_forward(x.reshape(T, d_in)).view(x.shape[:-1] + (self.out_features,))
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if hit[1] is not None:   # y += delta (computed in adapter_dtype; the cpu kernel adds it to y in fp32)
+            hit[1](x if x.dtype == self.adapter_dtype else x.to(self.adapter_dtype), out=y)
+        return y
+
+    def _prepare(self, batch, stage: str, x: Tensor, nb: int) -> Optional[PreparedRoutedLoRA]:
+        """The routed_lora call of this layer for this batch and token shape, x left open (None: no delta)."""
+        cfg = self.cfg
+        x = x.to(self.adapter_dtype)
+        xf = x.reshape(-1, self.in_features)
+        T = xf.shape[0]
+        gates, w_t = self._token_routing(batch, stage, nb, T // nb, xf.device)
+        ea = eb = ua = ub = ids_t = lay = None
+        expert_scale = cfg.expert_scale
+        if gates is not None:
+            ea, eb = self.expert_a, self.expert_b
+        elif stage == "user" and self.pop_rank and not cfg.num_experts:
+            ea, eb, gates = self.population_a, self.population_b, _ones(xf, T)   # K = 1, gate 1
+            expert_scale = cfg.population_scale
+        if stage == "user" and batch.has_known:
+            ua, ub = self.user_a, self.user_b
+            tb = batch.tokens(nb, T // nb, xf.device)
+            ids_t, lay = tb.ids, tb.layout
+        if ea is None and ua is None:
+            return None
+        return prepare_routed_lora(x, ea, eb, gates, ua, ub, ids_t,
+                                   user_ranks=self._ranks_arg() if ua is not None else None,
+                                   expert_scale=expert_scale, user_scale=self.user_scale if ua is not None else None,
+                                   user_weight=w_t, backend=cfg.backend, check_values=False, layout=lay)
 
     def _token_routing(self, batch, stage: str, nb: int, per: int, device) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """Token-level (gates [T, K], w [T]) for this layer; cached in `batch` while gradients are off."""

@@ -123,6 +123,7 @@ class LoRAAwareRouter(nn.Module):
 
     def features(self, a: Tensor, b: Tensor, ranks: Optional[Tensor], scale: Tensor) -> Tensor:
         """f_u for each user of the batch. a [B, r, d_in], b [B, d_out, r], ranks [B], scale [B].  # [B, d_out*P]"""
+        a, b = a.to(self.probes.dtype), b.to(self.probes.dtype)   # adapters may be stored in another dtype
         if ranks is not None:   # padding may hold anything: zero it before any product (0 * NaN = NaN), by
             keep = torch.arange(a.shape[1], device=a.device)[None, :] < ranks[:, None]   # torch.where, so it also
             a = torch.where(keep[:, :, None], a, 0.0)                                     # gets zero gradient

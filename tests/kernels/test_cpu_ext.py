@@ -82,6 +82,16 @@ def test_large_groups_packed_paths(dtype, popularity):
 
 
 @needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("r_e", [13, 16])
+def test_experts_with_few_tokens_packed(dtype, r_e):
+    """Decode-sized expert groups (2-5 tokens each) take the packed B^T expand; odd ranks and d_out hit the edges of
+    the 8 x 8 transposes (fp32 and bf16)."""
+    case = make_case(T=9, d_in=40, d_out=37, K=4, r_e=r_e, U=9, r_max=8, popularity="distinct", dtype=dtype, seed=7)
+    check_backend("cpu", case, f"few-token experts/{dtype}/r{r_e}")
+
+
+@needs_cpu
 def test_realistic_prefill_shape_fp32():
     case = make_case(T=256, d_in=2048, d_out=2048, K=8, r_e=16, U=4, r_max=16, ranks="full", nan_pad=False,
                      popularity="uniform", seed=2)

@@ -46,12 +46,20 @@ def test_unknown_targets_list_the_linear_modules():
 def test_one_routed_lora_call_per_layer_forward(monkeypatch):
     m = proper.apply_proper(tiny_llama(), proper.ProperConfig(num_users=4, num_experts=3, top_k=2,
                                                               target_modules=LLAMA7))
-    calls = []
-    real = L.routed_lora
+    calls, prepared = [], []
+    real, real_call = L.routed_lora, L.PreparedRoutedLoRA.__call__
     monkeypatch.setattr(L, "routed_lora", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
-    with torch.no_grad(), proper.users(m, [0, 1, 2, 3]):
-        m(torch.randint(1, 64, (4, 5)))
-    assert len(calls) == 14 and all(s == (20, s[1]) for s in calls)
+    monkeypatch.setattr(L.PreparedRoutedLoRA, "__call__",
+                        lambda self, x, out=None: prepared.append(x.shape) or real_call(self, x, out=out))
+    ids = torch.randint(1, 64, (4, 5))
+    with proper.users(m, [0, 1, 2, 3]):   # training: the op itself, once per layer, on the [20, d_in] tokens
+        m(ids)
+    assert len(calls) == 14 and all(s == (20, s[1]) for s in calls) and not prepared
+    calls.clear()
+    with torch.no_grad(), proper.users(m, [0, 1, 2, 3]):   # inference: one prepared call per layer per forward
+        m(ids)
+        m(ids)
+    assert not calls and len(prepared) == 28 and all(s[:2] == (4, 5) for s in prepared)
 
 
 def _manual_routing(layer, ids, stage):
