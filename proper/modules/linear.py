@@ -215,8 +215,9 @@ class ProperLinear(nn.Module):
         if stage == "user" and batch.has_known and context.lora_router_active(self._state):
             u = ids.clamp(min=0)
             # index_select, not [u]: its backward is an index_add, far cheaper than advanced indexing's index_put
+            ranks = None if self._ranks_arg() is None else self.user_ranks[u]   # full ranks: nothing to mask
             delta, w = self.lora_router(self.user_a.index_select(0, u), self.user_b.index_select(0, u),
-                                        self.user_ranks[u], self.user_scale[u])
+                                        ranks, self.user_scale[u])
         gates = None
         if cfg.num_experts:
             gates = self.user_router(ids, extra_logits=delta, cold_start=batch.has_unknown)
