@@ -36,6 +36,26 @@ from .timing import interleaved_times
 
 GOAL_VS_BASE = 1.35
 GOAL_VS_PEFT = 2.7
+def kernel_split(model, user_ids, enc, gen_kw, reps: int) -> Dict[str, float]:
+    """Seconds of one proper[cpu] generate with and without its kernel: the prepared calls' bound cpu kernel is
+    swapped for a no-op (a diagnostic only: the output is then the base model's), in interleaved rounds."""
+    from proper_kernels import cpu as cpu_backend
+
+    real = cpu_backend.bind_forward
+
+    def run(noop: bool):
+        cpu_backend.bind_forward = (lambda p: (lambda x, out: out)) if noop else real
+        try:
+            with torch.no_grad(), proper.users(model, user_ids):   # a new block: prepared calls are rebuilt
+                model.generate(**enc, **gen_kw)
+        finally:
+            cpu_backend.bind_forward = real
+
+    t = interleaved_times({"with": lambda: run(False), "without": lambda: run(True)}, reps, warmup=1)
+    w, wo = statistics.median(t["with"]), statistics.median(t["without"])
+    return {"with_kernel_s": round(w, 4), "without_kernel_s": round(wo, 4), "kernel_s": round(w - wo, 4)}
+
+
 def profile_one(fn: Callable[[], object], path: Path, rows: int = 25) -> Dict[str, float]:
     """torch.profiler over one call: the op table to `path`, and the share spent inside routed_lora."""
     from torch.profiler import ProfilerActivity, profile
@@ -64,6 +84,8 @@ def main(argv=None) -> int:
                     help="routed_lora backends for proper (default: every one available on CPU)")
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16-adapter provider")
+    ap.add_argument("--kernel-split", action="store_true",
+                    help="also time proper[cpu] with its kernel call replaced by a no-op: kernel vs the rest")
     ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                     help="profile one proper generate when the goal is missed (auto) or always")
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 prompts, 4 tokens, 1 rep")
@@ -141,6 +163,9 @@ def main(argv=None) -> int:
         verdicts[k] = v
     res["verdicts"] = verdicts
 
+    if args.kernel_split and "cpu" in models:
+        res["kernel_split"] = kernel_split(models["cpu"], user_ids, enc, gen_kw, args.reps)
+
     missed = [k for k, v in verdicts.items() if not v["goal_met"]]
     if models and (args.profile == "always" or (args.profile == "auto" and missed)):
         b = (missed[0] if missed else f"proper[{backends[0]}]")[len("proper["):-1]
@@ -176,6 +201,12 @@ def markdown(res) -> str:
     for k, v in res["verdicts"].items():
         peft = f", peft / proper = {v['peft_over_proper']:.2f}" if "peft_over_proper" in v else ""
         lines.append(f"- {k}: {v['vs_base']:.2f}x base{peft}: goal {'met' if v['goal_met'] else 'MISSED'}")
+    if "kernel_split" in res:
+        ks = res["kernel_split"]
+        lines += ["", f"Kernel split of proper[cpu] (its kernel call swapped for a no-op, interleaved): "
+                  f"{ks['with_kernel_s']:.3f} s with, {ks['without_kernel_s']:.3f} s without: the kernel "
+                  f"{ks['kernel_s']:.3f} s, everything else {ks['without_kernel_s'] - res['median_s']['base']:.3f} s "
+                  f"beyond base."]
     if "profile" in res:
         p = res["profile"]
         lines += ["", f"Profile of one proper[{p['backend']}] generate: {p['total_ms']:.0f} ms of CPU op time "
