@@ -295,7 +295,7 @@ class ProperLinear(nn.Module):
         if T == 0:
             return None
         nb = x.shape[0] if x.dim() >= 2 else 1
-        key = (id(self), stage, context.lora_router_active(st), nb, T // nb, x.device, x.dtype)
+        key = (id(self), stage, context.lora_router_active(st), x.shape, x.device, x.dtype)
         versions = tuple(p._version for p in self._route_params())
         hit = batch.prepared.get(key)
         if hit is None or hit[0] != versions:

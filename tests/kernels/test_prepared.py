@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import proper_kernels as pk
-from tests.cases import POPULARITY, VARIANTS, _call, backend_supports, grad_out_for, make_case, run_with_grads
+from cases import POPULARITY, VARIANTS, _call, backend_supports, grad_out_for, make_case, run_with_grads
 
 BACKENDS = [b for b in ("cpu", "torch") if b in pk.available_backends("cpu")]
 ARGS = ("x", "expert_a", "expert_b", "gates", "user_a", "user_b", "user_ids")

@@ -6,7 +6,7 @@ import torch
 
 import proper
 from proper_kernels import available_backends
-from tests.proper_fixtures import LLAMA7, randomize_b, tiny_llama
+from proper_fixtures import LLAMA7, randomize_b, tiny_llama
 
 IDS = [0, 2, -1, 3]
 BACKENDS = [b for b in ("cpu", "torch") if b in available_backends("cpu")]

@@ -62,6 +62,24 @@ def test_one_routed_lora_call_per_layer_forward(monkeypatch):
     assert not calls and len(prepared) == 28 and all(s[:2] == (4, 5) for s in prepared)
 
 
+def test_prepared_forward_follows_the_input_shape():
+    """[B, 1, d] and [B, d] inputs of the same tokens in one users() block: each its own prepared call, the same
+    values, and the same bits as the general (gradient) path."""
+    m = proper.apply_proper(tiny_llama(), proper.ProperConfig(num_users=4, num_experts=3, top_k=2,
+                                                              target_modules=LLAMA7))
+    proper.set_stage(m, "user")
+    randomize_b(m)
+    layer = proper.proper_layers(m)["model.layers.0.mlp.up_proj"]
+    x = torch.randn(4, 1, layer.in_features)
+    with proper.users(m, [0, 1, 2, -1]):
+        with torch.no_grad():
+            y3, y2 = layer(x), layer(x[:, 0])
+        general = layer(x).detach()
+    assert y3.shape == (4, 1, layer.out_features) and y2.shape == (4, layer.out_features)
+    assert torch.equal(y3[:, 0], y2) and torch.equal(y3, general)
+    assert not torch.equal(y3, torch.nn.functional.linear(x, layer.weight, layer.bias))   # the adapters count
+
+
 def _manual_routing(layer, ids, stage):
     """Gates and w computed by hand from the routers' parameters (per user), for comparison."""
     u = ids.clamp(min=0)
