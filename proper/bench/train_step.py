@@ -107,11 +107,14 @@ def make_providers(n_users: int, seq: int, rank: int = 16, K: int = 8, top_k: in
 
 @torch.no_grad()
 def _randomise(model):
-    """Non-zero adapters and routers, so no multiplication by an all-zero B is skipped anywhere."""
+    """Non-zero adapters and routers, so no multiplication by an all-zero B is skipped anywhere. Only PROPER's own
+    tensors: the wrapped layer's `weight` is the base model's (overwriting it, as this did before, gave 'ours' a
+    random base model whose logits reached 155 and whose logit gradients were 1% denormal floats, which slowed
+    its lm_head GEMM 2-4x)."""
     gen = torch.Generator().manual_seed(0)
     for layer in proper.proper_layers(model).values():
-        for name, p in layer.named_parameters():
-            if p.is_floating_point() and "base" not in name and p.dim() >= 2:
+        for p in layer.adapter_tensors().values():
+            if p.is_floating_point() and p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
