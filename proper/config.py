@@ -49,6 +49,12 @@ class ProperConfig:
                      "layer": every layer its own embedding and head (the form before router_scope existed;
                      checkpoints saved without the field load as "layer").
     lora_router_probes  learned probe directions of the LoRA-aware router (see routers.LoRAAwareRouter).
+    token_router     False (default): gates are per user (one vector per sequence, the paper's routing). True: each
+                     layer adds a per-token term W_l x_t to the group-gate logits (LoRAMoE-style: a linear of the
+                     layer's own input, [K, d_in], zero-initialised, so training starts from the per-user gates),
+                     so gates vary token by token. A user's delta is then no longer one LoRA: the per-user export
+                     (export_peft_adapter / proper export) is inexact and refuses it. Needs num_experts > 0;
+                     trains with the router (group stage); decode cannot reuse a prepared call (its gates follow x).
     population_rank  rank of the population LoRA; None = expert_rank if num_experts > 0 else 0 (no population
                      LoRA: nothing would consume it). With num_experts = 0 and population_rank > 0, the
                      population LoRA keeps running under the users in the user stage (K = 1, gate 1).
@@ -88,6 +94,7 @@ class ProperConfig:
     backend: str = "auto"
     router_dim: int = 32
     router_scope: str = "model"
+    token_router: bool = False
     lora_router_probes: int = 2
     population_rank: Optional[int] = None
     expert_alpha: Optional[float] = None
@@ -119,7 +126,7 @@ class ProperConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                                   or v <= 0):
                 raise ValueError(f"ProperConfig: '{name}' must be a finite float > 0, got {v!r}")
-        for name in ("lora_router", "use_rslora"):
+        for name in ("lora_router", "use_rslora", "token_router"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ProperConfig: '{name}' must be True or False, got {getattr(self, name)!r}")
         for name, ok, what in (("dropout", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)"),
@@ -153,6 +160,8 @@ class ProperConfig:
             raise ValueError(f"ProperConfig: 'extra' must be a dict, got {type(self.extra).__name__}")
         if self.backend not in BACKENDS:
             raise ValueError(f"ProperConfig: 'backend' must be one of {BACKENDS}, got {self.backend!r}")
+        if self.token_router and self.num_experts == 0:
+            raise ValueError("ProperConfig: 'token_router' needs num_experts > 0 (it routes tokens between experts)")
         if self.router_scope not in ROUTER_SCOPES:
             raise ValueError(f"ProperConfig: 'router_scope' must be one of {ROUTER_SCOPES}, got {self.router_scope!r}")
         if self.init_a not in ("kaiming", "gaussian"):

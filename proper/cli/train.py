@@ -48,6 +48,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--router-scope", choices=ROUTER_SCOPES, default="model",
                    help="the user-aware router: one for the model (a user's one group assignment), a shared "
                         "embedding with per-layer heads, or one per layer")
+    p.add_argument("--token-router", action="store_true",
+                   help="add a per-token term to the group gates (ProperConfig.token_router; off: per-user gates as "
+                        "in the paper; on: the per-user export is inexact and refused)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="learning rate within each stage: constant, or a cosine down to 10%% at its last step")
     p.add_argument("--user-select", choices=("dev", "none"), default="dev",

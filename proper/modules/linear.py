@@ -79,7 +79,8 @@ class ProperLinear(nn.Module):
     PARTS: Dict[str, Tuple[str, ...]] = {
         "population": ("population_a", "population_b"),
         "experts": ("expert_a", "expert_b"),
-        "router": ("router",),                                  # UserAwareRouter (a module: all its tensors)
+        "router": ("router", "token_router"),                   # UserAwareRouter (a module: all its tensors), and
+                                                                # the per-token logit term (cfg.token_router)
         "users": ("user_a", "user_b", "user_ranks", "user_scale"),
         "lora_router": ("lora_router",),                        # LoRAAwareRouter
     }
@@ -118,6 +119,8 @@ class ProperLinear(nn.Module):
                 self.router = UserAwareRouter(U, K, cfg.router_dim, cfg.effective_top_k, cfg.router_init_std,
                                               paged=cfg.paged, shared=shared, **z)
             # router_scope="model": no router here; user_router is the first layer's
+            if cfg.token_router:   # [K, d_in], zero: routing starts per user (and nothing is drawn from the RNG)
+                self.token_router = nn.Parameter(torch.zeros(K, d_in, **z))
         self.user_a = nn.Parameter(torch.zeros(U, cfg.user_rank, d_in, **za))
         self.user_b = nn.Parameter(torch.zeros(U, d_out, cfg.user_rank, **za))
         if not cfg.paged:   # every user's initial rows now (a paged model creates them when it pages users in)
@@ -207,21 +210,38 @@ class ProperLinear(nn.Module):
             ps += [*self.part_tensors("lora_router").values(), *self.part_tensors("users").values()]
         return ps + [self.user_ranks]   # the prepared call's user_ranks argument (_ranks_arg) depends on it
 
+    def _lora_router_terms(self, batch: "context.UserBatch", ids: Tensor,
+                           stage: str) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The LoRA-aware router's (gate-logit correction [B, K] or None, w [B] or None) for the users `ids`."""
+        if not (stage == "user" and batch.has_known and context.lora_router_active(self._state)):
+            return None, None
+        u = ids.clamp(min=0)
+        # index_select, not [u]: its backward is an index_add, far cheaper than advanced indexing's index_put
+        ranks = None if self._ranks_arg() is None else self.user_ranks[u]   # full ranks: nothing to mask
+        return self.lora_router(self.user_a.index_select(0, u), self.user_b.index_select(0, u), ranks,
+                                self.user_scale[u])
+
     def route_users(self, batch: "context.UserBatch", ids: Tensor,
                     stage: str) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """Per-user (gates [B, K] or None, w [B] or None) for the users `ids` [B] of this batch."""
-        cfg = self.cfg
-        delta = w = None
-        if stage == "user" and batch.has_known and context.lora_router_active(self._state):
-            u = ids.clamp(min=0)
-            # index_select, not [u]: its backward is an index_add, far cheaper than advanced indexing's index_put
-            ranks = None if self._ranks_arg() is None else self.user_ranks[u]   # full ranks: nothing to mask
-            delta, w = self.lora_router(self.user_a.index_select(0, u), self.user_b.index_select(0, u),
-                                        ranks, self.user_scale[u])
+        delta, w = self._lora_router_terms(batch, ids, stage)
         gates = None
-        if cfg.num_experts:
+        if self.cfg.num_experts:
             gates = self.user_router(ids, extra_logits=delta, cold_start=batch.has_unknown)
         return gates, w
+
+    def token_gates(self, batch: "context.UserBatch", xf: Tensor, stage: str, nb: int) -> Tensor:
+        """Per-token gates [T, K] with cfg.token_router: top_k(softmax(W e_u + b + c_u + W_l x_t)), the user-aware
+        logits (and the LoRA-aware correction c_u) of each token's user plus the layer's token term."""
+        per = xf.shape[0] // nb
+        ids = batch.sample_ids(nb, xf.device)
+        r = self.user_router
+        logits = r.logits(ids)                                                    # [nb, K]: once per user
+        delta, _ = self._lora_router_terms(batch, ids, stage)
+        if delta is not None:
+            logits = logits + delta
+        logits = _expand(logits, None, nb, per)[0] + F.linear(xf, self.token_router)   # [T, K]
+        return r.gates(logits, batch.tokens(nb, per, xf.device).ids, cold_start=batch.has_unknown)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
@@ -255,6 +275,8 @@ class ProperLinear(nn.Module):
                 st.record_touched(batch.ids)   # the rows this step may move (proper/optim.py)
             nb = x.shape[0] if x.dim() >= 2 else 1
             gates, w_t = self._token_routing(batch, stage, nb, T // nb, x.device)
+            if gates is not None and "token_router" in self._parameters:
+                gates = self.token_gates(batch, xf, stage, nb)
             if gates is not None:
                 ea, eb = self.expert_a, self.expert_b
             elif stage == "user" and self.pop_rank and not cfg.num_experts:
@@ -285,8 +307,8 @@ class ProperLinear(nn.Module):
         adds into the base output. None where this path does not apply (the general forward then runs)."""
         st = self._state
         stage = st.stage
-        if stage == "population" or (self.training and st.cfg.dropout > 0):
-            return None
+        if stage == "population" or (self.training and st.cfg.dropout > 0) or "token_router" in self._parameters:
+            return None   # (token-level gates follow x: nothing to prepare)
         batch = context.active_batch(st)
         if batch is None or type(x) is not torch.Tensor or torch.compiler.is_compiling() or x.device.type == "meta":
             return None   # the general forward raises the missing-context error / traces the custom op

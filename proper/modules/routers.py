@@ -93,6 +93,11 @@ class UserAwareRouter(nn.Module):
         logits = self.logits(user_ids)
         if extra_logits is not None:
             logits = logits + extra_logits
+        return self.gates(logits, user_ids, cold_start)
+
+    def gates(self, logits: Tensor, user_ids: Tensor, cold_start: bool = True) -> Tensor:
+        """top_k(softmax(logits)) with the cold-start rows (user id -1) replaced: rows of logits [N, K] belong to
+        user_ids [N] (users, or tokens with cfg.token_router)."""
         probs = torch.softmax(logits, dim=-1)
         if cold_start:
             probs = torch.where((user_ids < 0)[:, None], self.population_probs().to(probs.dtype)[None], probs)

@@ -33,6 +33,8 @@ Routers: by default (``--router-scope model``, ProperConfig.router_scope) ONE us
 model: one user embedding table and one head, so each user has one group assignment shared by every adapted
 layer (the paper's "a user's group"); ``heads`` keeps that embedding with a head per layer, ``layer`` gives every
 layer its own router (the form before). The LoRA-aware router is per layer (it reads that layer's user LoRA).
+``--token-router`` (off by default) adds a per-token term W_l x_t to each layer's gate logits (zero at the start,
+trained with the router in the group stage); L_lb still uses the per-user gates.
 A user's "group assignment" is reported as its gates averaged over the layers (identical layers with the
 model-level router; top group = argmax, entropy of that average), next to the mean of the per-layer
 entropies. L_lb then has one term (the model-level router's). The LoRA-aware router's head starts at zero and

@@ -82,6 +82,7 @@ class TrainConfig:
     # dev loss (else its B is reset to zero: the user is served by the groups), "none" keeps every LoRA
     user_select: str = "dev"
     router_scope: str = "model"        # ProperConfig.router_scope
+    token_router: bool = False         # ProperConfig.token_router (per-token gate term; off = the paper's routing)
     select_per_user: Optional[int] = None   # dev ratings per user scored for that selection (None: budget's)
     diagnostics: Optional[bool] = None      # also score the LoRA-router-off and cold-start systems
     on_error: str = "raise"            # bad data lines/users: "raise" (name file and line) or "skip" (count them)

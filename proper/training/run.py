@@ -76,7 +76,7 @@ def run_train(cfg: TrainConfig, *, model_loader: Optional[Callable[[], Tuple[Any
                                    user_rank=cfg.user_rank, top_k=cfg.top_k, alpha=cfg.alpha,
                                    target_modules=target_modules(model, cfg.target_modules, cfg.lora_layers),
                                    backend=cfg.backend, resident_users=resident, user_store=store,
-                                   router_scope=cfg.router_scope)
+                                   router_scope=cfg.router_scope, token_router=cfg.token_router)
         apply_proper(model, pcfg)
         if get_state(model).slots is not None:   # a fresh run: nothing from an earlier run's store folder
             get_state(model).slots.store.clear()

@@ -208,6 +208,28 @@ def test_resume_reproduces_the_next_losses(straight_run, smollm2, movielens, tmp
     assert mb["mae"] == ma["mae"]
 
 
+def test_token_router_run(smollm2, movielens, tmp_path):
+    """--token-router reaches the model: a tiny run trains with per-token gates and records the switch."""
+    import argparse
+
+    a = CT.add_train_arguments(argparse.ArgumentParser()).parse_args(["--out", str(tmp_path), "--token-router"])
+    assert CT.config_from_args(a).token_router is True
+    base, tok = smollm2
+    box = {}
+
+    def loader():
+        box["model"] = copy.deepcopy(base)
+        return box["model"], tok
+
+    cfg = _cfg(tmp_path / "run", token_router=True, steps_population=2, steps_group=2, steps_user=2, ablations=(),
+               diagnostics=False)
+    T.run_train(cfg, model_loader=loader, dataset=movielens, progress=False)
+    layers = proper.proper_layers(box["model"]).values()
+    assert all(layer.token_router.shape == (2, layer.in_features) for layer in layers)
+    saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert saved["proper"]["token_router"] is True
+
+
 def test_cli_arguments(tmp_path):
     import argparse
 
