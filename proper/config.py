@@ -203,6 +203,10 @@ class ProperConfig:
         a = self.alpha if alpha is None else alpha
         return a / math.sqrt(rank) if self.use_rslora else a / rank
 
+    def adapter_torch_dtype(self, base_dtype: torch.dtype) -> torch.dtype:
+        """The adapter weights' dtype for a base layer of dtype ``base_dtype``."""
+        return base_dtype if self.adapter_dtype is None else getattr(torch, self.adapter_dtype)
+
     @property
     def expert_scale(self) -> float:
         return self.scale(self.expert_alpha, self.expert_rank)
@@ -216,10 +220,6 @@ class ProperConfig:
         return self.scale(self.user_alpha, self.user_rank)
 
     # ---- JSON
-    def adapter_torch_dtype(self, base_dtype: torch.dtype) -> torch.dtype:
-        """The adapter weights' dtype for a base layer of dtype ``base_dtype``."""
-        return base_dtype if self.adapter_dtype is None else getattr(torch, self.adapter_dtype)
-
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         if isinstance(d["target_modules"], tuple):

@@ -63,10 +63,8 @@ def forward(p: Problem) -> torch.Tensor:
 
 
 def forward_into(p: Problem, out: torch.Tensor):
-    """out += delta, written by the kernel itself (no delta tensor, no separate add) for a contiguous fp32 out."""
-    if out.dtype != torch.float32 or not out.is_contiguous():
-        return None
-    return _ext.load().cpu_forward(*_args(p), out)
+    """out += delta, added by the extension itself (no Python-level add) for a contiguous fp32 out; else None."""
+    return bind_forward(p)(p.x, out)
 
 
 def bind_forward(p: Problem):

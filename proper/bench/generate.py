@@ -36,6 +36,8 @@ from .timing import interleaved_times
 
 GOAL_VS_BASE = 1.35
 GOAL_VS_PEFT = 2.7
+
+
 def kernel_split(model, user_ids, enc, gen_kw, reps: int) -> Dict[str, float]:
     """Seconds of one proper[cpu] generate with and without its kernel: the prepared calls' bound cpu kernel is
     swapped for a no-op (a diagnostic only: the output is then the base model's), in interleaved rounds."""
@@ -108,24 +110,16 @@ def main(argv=None) -> int:
                   pad_token_id=tok.pad_token_id)
 
     runs: Dict[str, Callable[[], torch.Tensor]] = {"base": lambda: base.generate(**enc, **gen_kw)}
-    models = {}
-    for b in backends:
-        models[b] = build_proper_serving(base, args.prompts, b, copy_base=True)
-
-        def run_proper(m=models[b]):
+    models = {b: build_proper_serving(base, args.prompts, b, copy_base=True) for b in backends}
+    if backends and not args.no_bf16:   # the first backend again, its adapters held in bf16
+        models[f"{backends[0]},bf16"] = build_proper_serving(base, args.prompts, backends[0], copy_base=True,
+                                                             adapter_dtype="bfloat16")
+    for name, m in models.items():
+        def run_proper(m=m):
             with proper.users(m, user_ids):
                 return m.generate(**enc, **gen_kw)
 
-        runs[f"proper[{b}]"] = run_proper
-    if backends and not args.no_bf16:
-        b = backends[0]
-        models[f"{b},bf16"] = build_proper_serving(base, args.prompts, b, copy_base=True, adapter_dtype="bfloat16")
-
-        def run_bf16(m=models[f"{b},bf16"]):
-            with proper.users(m, user_ids):
-                return m.generate(**enc, **gen_kw)
-
-        runs[f"proper[{b},bf16]"] = run_bf16
+        runs[f"proper[{name}]"] = run_proper
     if not args.no_peft:
         pm = build_peft_mixed(base, args.prompts, copy_base=True)
         names = [f"u{u}" for u in range(args.prompts)]

@@ -230,18 +230,21 @@ class ProperLinear(nn.Module):
             gates = self.user_router(ids, extra_logits=delta, cold_start=batch.has_unknown)
         return gates, w
 
-    def token_gates(self, batch: "context.UserBatch", xf: Tensor, stage: str, nb: int) -> Tensor:
-        """Per-token gates [T, K] with cfg.token_router: top_k(softmax(W e_u + b + c_u + W_l x_t)), the user-aware
-        logits (and the LoRA-aware correction c_u) of each token's user plus the layer's token term."""
+    def _per_token_routing(self, batch: "context.UserBatch", xf: Tensor, stage: str,
+                           nb: int) -> Tuple[Tensor, Optional[Tensor]]:
+        """With cfg.token_router: per-token (gates [T, K], w [T] or None). gates[t] = top_k(softmax(W e_u + b + c_u
+        + W_l x_t)): the user-aware logits and the LoRA-aware correction c_u of each token's user (computed once per
+        user, with that user's w), plus the layer's token term."""
         per = xf.shape[0] // nb
         ids = batch.sample_ids(nb, xf.device)
         r = self.user_router
         logits = r.logits(ids)                                                    # [nb, K]: once per user
-        delta, _ = self._lora_router_terms(batch, ids, stage)
+        delta, w = self._lora_router_terms(batch, ids, stage)
         if delta is not None:
             logits = logits + delta
-        logits = _expand(logits, None, nb, per)[0] + F.linear(xf, self.token_router)   # [T, K]
-        return r.gates(logits, batch.tokens(nb, per, xf.device).ids, cold_start=batch.has_unknown)
+        logits, w = _expand(logits, w, nb, per)
+        logits = logits + F.linear(xf, self.token_router)                         # [T, K]
+        return r.gates(logits, batch.tokens(nb, per, xf.device).ids, cold_start=batch.has_unknown), w
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
@@ -261,44 +264,56 @@ class ProperLinear(nn.Module):
         stage = st.stage
         if T == 0:
             return y.view(shape)
-        ea = eb = gates = ua = ub = ids_t = w_t = lay = None
-        expert_scale = cfg.expert_scale
-
-        if stage == "population":
-            if not self.pop_rank:
-                return y.view(shape)
-            ea, eb, gates = self.population_a, self.population_b, _ones(x, T)
-            expert_scale = cfg.population_scale
-        else:
+        batch = nb = None
+        if stage != "population":
             batch = context.current_batch(st, self.name)
             if torch.is_grad_enabled():
                 st.record_touched(batch.ids)   # the rows this step may move (proper/optim.py)
             nb = x.shape[0] if x.dim() >= 2 else 1
-            gates, w_t = self._token_routing(batch, stage, nb, T // nb, x.device)
-            if gates is not None and "token_router" in self._parameters:
-                gates = self.token_gates(batch, xf, stage, nb)
-            if gates is not None:
-                ea, eb = self.expert_a, self.expert_b
-            elif stage == "user" and self.pop_rank and not cfg.num_experts:
-                ea, eb, gates = self.population_a, self.population_b, _ones(x, T)   # K = 1, gate 1
-                expert_scale = cfg.population_scale
-            if stage == "user" and batch.has_known:   # (w_t is None otherwise: route_users gives no w)
-                ua, ub = self.user_a, self.user_b
-                tb = batch.tokens(nb, T // nb, x.device)                         # built once per batch shape
-                ids_t, lay = tb.ids, tb.layout
-            if ea is None and ua is None:
-                return y.view(shape)
-
+        args = self._op_args(batch, stage, xf, nb)
+        if args is None:
+            return y.view(shape)
         if self.training and cfg.dropout > 0:
             xf = F.dropout(xf, cfg.dropout)
         same = xf.dtype == self.adapter_dtype   # else the op runs in adapter_dtype and its delta is added to y
-        delta = routed_lora(xf if same else xf.to(self.adapter_dtype), ea, eb, gates, ua, ub, ids_t,
-                            user_ranks=self._ranks_arg() if ua is not None else None, expert_scale=expert_scale,
-                            user_scale=self.user_scale if ua is not None else None, user_weight=w_t,
-                            out=y if same else None, backend=cfg.backend, check_values=False, layout=lay)
+        delta = routed_lora(xf if same else xf.to(self.adapter_dtype), out=y if same else None, **args)
         if not same:
             y.add_(delta)
         return y.view(shape)
+
+    def _op_args(self, batch: Optional["context.UserBatch"], stage: str, xf: Tensor,
+                 nb: Optional[int]) -> Optional[Dict[str, object]]:
+        """routed_lora's arguments but x (and out) for this layer in `stage` on the tokens xf [T, d_in] (nb rows of
+        `batch`; no batch in the population stage), or None when there is no delta. The one place that decides
+        which parts run: the general forward and the prepared (no-grad) forward both call it."""
+        cfg = self.cfg
+        T = xf.shape[0]
+        ea = eb = gates = ua = ub = ids_t = w_t = lay = None
+        expert_scale = cfg.expert_scale
+        if stage == "population":
+            if self.pop_rank:
+                ea, eb, gates = self.population_a, self.population_b, _ones(xf, T)
+                expert_scale = cfg.population_scale
+        else:
+            if "token_router" in self._parameters:
+                gates, w_t = self._per_token_routing(batch, xf, stage, nb)
+            else:
+                gates, w_t = self._token_routing(batch, stage, nb, T // nb, xf.device)
+            if gates is not None:
+                ea, eb = self.expert_a, self.expert_b
+            elif stage == "user" and self.pop_rank and not cfg.num_experts:
+                ea, eb, gates = self.population_a, self.population_b, _ones(xf, T)   # K = 1, gate 1
+                expert_scale = cfg.population_scale
+            if stage == "user" and batch.has_known:   # (w_t is None otherwise: route_users gives no w)
+                ua, ub = self.user_a, self.user_b
+                tb = batch.tokens(nb, T // nb, xf.device)                         # built once per batch shape
+                ids_t, lay = tb.ids, tb.layout
+        if ea is None and ua is None:
+            return None
+        return dict(expert_a=ea, expert_b=eb, gates=gates, user_a=ua, user_b=ub, user_ids=ids_t,
+                    user_ranks=self._ranks_arg() if ua is not None else None, expert_scale=expert_scale,
+                    user_scale=self.user_scale if ua is not None else None, user_weight=w_t, backend=cfg.backend,
+                    check_values=False, layout=lay)
 
     def _prepared_forward(self, x: Tensor) -> Optional[Tensor]:
         """The no-grad forward of a routed stage through a prepared routed_lora call (proper_kernels.prepared):
@@ -334,28 +349,8 @@ class ProperLinear(nn.Module):
 
     def _prepare(self, batch, stage: str, x: Tensor, nb: int) -> Optional[PreparedRoutedLoRA]:
         """The routed_lora call of this layer for this batch and token shape, x left open (None: no delta)."""
-        cfg = self.cfg
-        x = x.to(self.adapter_dtype)
-        xf = x.reshape(-1, self.in_features)
-        T = xf.shape[0]
-        gates, w_t = self._token_routing(batch, stage, nb, T // nb, xf.device)
-        ea = eb = ua = ub = ids_t = lay = None
-        expert_scale = cfg.expert_scale
-        if gates is not None:
-            ea, eb = self.expert_a, self.expert_b
-        elif stage == "user" and self.pop_rank and not cfg.num_experts:
-            ea, eb, gates = self.population_a, self.population_b, _ones(xf, T)   # K = 1, gate 1
-            expert_scale = cfg.population_scale
-        if stage == "user" and batch.has_known:
-            ua, ub = self.user_a, self.user_b
-            tb = batch.tokens(nb, T // nb, xf.device)
-            ids_t, lay = tb.ids, tb.layout
-        if ea is None and ua is None:
-            return None
-        return prepare_routed_lora(x, ea, eb, gates, ua, ub, ids_t,
-                                   user_ranks=self._ranks_arg() if ua is not None else None,
-                                   expert_scale=expert_scale, user_scale=self.user_scale if ua is not None else None,
-                                   user_weight=w_t, backend=cfg.backend, check_values=False, layout=lay)
+        args = self._op_args(batch, stage, x.reshape(-1, self.in_features), nb)
+        return None if args is None else prepare_routed_lora(x.to(self.adapter_dtype), **args)
 
     def _token_routing(self, batch, stage: str, nb: int, per: int, device) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """Token-level (gates [T, K], w [T]) for this layer; cached in `batch` while gradients are off."""
