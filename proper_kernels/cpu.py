@@ -1,8 +1,8 @@
 """The ``cpu`` backend: the compiled C++ extension (csrc/cpu), OpenMP + vectorised, fp32/bf16 inputs.
 
-The micro-kernels (AVX-512, AVX2+FMA or portable) are chosen at run time from what the CPU supports;
-``PROPER_CPU_ISA=avx2|avx512|generic`` forces one (for tests), and :func:`isa` reports the one in use. The thread
-count is torch's (``torch.set_num_threads``); results do not depend on it.
+The micro-kernels (AVX-512 with AVX512-BF16, AVX-512, AVX2+FMA or portable) are chosen at run time from what the
+CPU supports; ``PROPER_CPU_ISA=avx512bf16|avx512|avx2|generic`` forces one (for tests), and :func:`isa` reports the
+one in use. The thread count is torch's (``torch.set_num_threads``); results do not depend on it.
 """
 from __future__ import annotations
 
@@ -27,12 +27,14 @@ def unsupported_reason(dtype: torch.dtype):
 
 
 def isa() -> str:
-    """The micro-kernel instruction set in use: "avx512", "avx2" or "generic"."""
+    """The micro-kernel instruction set in use: "avx512bf16" (AVX-512, bf16 products with vdpbf16ps), "avx512",
+    "avx2" or "generic"."""
     return _ext.load().cpu_isa()
 
 
 def set_isa(name: str) -> str:
-    """Select the micro-kernels ("auto", "avx512", "avx2", "generic"); raises if this CPU cannot run them."""
+    """Select the micro-kernels ("auto", "avx512bf16", "avx512", "avx2", "generic"); raises if this CPU cannot run
+    them."""
     return _ext.load().cpu_set_isa(name)
 
 

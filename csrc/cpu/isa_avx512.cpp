@@ -18,39 +18,7 @@ namespace {
 
 #include "avx_shared.h"
 
-struct V {
-  static constexpr int W = 16;
-  typedef __m512 R;
-  static inline __mmask16 mask(int n) { return (__mmask16)((1u << n) - 1u); }  // 0 < n < 16
-  static inline R zero() { return _mm512_setzero_ps(); }
-  static inline R set1(float f) { return _mm512_set1_ps(f); }
-  static inline R load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline R widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-  static inline R load(const uint16_t* p) { return widen(_mm256_loadu_si256((const __m256i*)p)); }
-  static inline R load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
-  static inline R load_n(const uint16_t* p, int n) { return widen(_mm256_maskz_loadu_epi16(mask(n), p)); }
-  static inline R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline void store(float* p, R v) { _mm512_storeu_ps(p, v); }
-  static inline void store_n(float* p, R v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
-  static inline float hsum(R v) {
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-    return hsum4(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-  }
-  // dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block (r, c < 8)
-  static inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
-    transpose8x8(src, lds, dst, ldd);
-  }
-  static inline void reduce8(const R* a, float* out) {
-    for (int i = 0; i < 8; ++i) out[i] = hsum(a[i]);
-  }
-};
-
-struct Cfg {  // 32 zmm registers
-  static constexpr int SHRINK_M = 4, SHRINK_N = 4;     // 16 accumulators
-  static constexpr int BSHRINK_M = 8, BSHRINK_NV = 2;  // 16 accumulators
-  static constexpr int ACCUM_M = 4, ACCUM_NV = 4;      // 16 accumulators
-  static constexpr int TN_MJ = 4, TN_NV = 4;           // 16 accumulators
-};
+#include "avx512_v.h"
 
 #define PK_ISA_NAME "avx512"
 #include "kernels_impl.h"

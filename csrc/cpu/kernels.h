@@ -67,9 +67,24 @@ struct KernelTable {
 
   // dst[r * ldd + c] = src[r * lds + c] in fp32, r < rows, c < cols; each row zero-padded to a multiple of 16.
   void (*pack_rows)(int dt, const void* src, int64_t lds, int rows, int64_t cols, float* dst, int64_t ldd);
+
+  // dst[i] = bf16(src[i]), i < n: round to nearest even, NaN -> 0x7FC0 (bitwise torch's .to(torch.bfloat16)).
+  void (*to_bf16)(const float* src, int64_t n, uint16_t* dst);
+
+  // The bf16 expand with vdpbf16ps, nullptr where the ISA has none (kernels_dpbf16.h). H is rounded to bf16 there,
+  // as the torch reference's bf16 matmuls round it: used only where the delta is returned in bf16.
+  // rowdot for bf16 B: Y[tok_i, o] += <B[o, 0:rank], bf16(H[slot_i : slot_i + rank])>, o in [o0, o1).
+  void (*rowdot_bf16h)(int dt, const void* b, int64_t ldb, int rank, int64_t o0, int64_t o1, const Entry* ent,
+                       const int32_t* idx, int n, const float* H, float* Y, int64_t ldy);
+  // Bp[p * ldt + o] = B[o * ldb + 2p] | B[o * ldb + 2p + 1] << 16 (bf16 bits), p < ceil(rank / 2), o < O.
+  void (*pack_bt_pairs)(const void* b, int64_t ldb, int rank, int64_t O, uint32_t* Bp, int64_t ldt);
+  // accum for bf16 B packed by pack_bt_pairs: Y[tok_i, c] += sum_j bf16(Hs[slot_i + j]) * B[c, j], c in [c0, c1).
+  void (*accum_pairs)(const uint32_t* bp, int64_t ldt, int rank, int64_t c0, int64_t c1, const Entry* ent,
+                      const int32_t* idx, int n, const float* Hs, float* Y, int64_t ldy);
 };
 
 // Each returns its table, or nullptr when that ISA was not compiled in (non-x86 builds).
+const KernelTable* kernels_avx512bf16();
 const KernelTable* kernels_avx512();
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_generic();

@@ -41,8 +41,20 @@ static inline void vstore(float* p, VR v, int n) {
 // res[i * N + j] = <xr[i][0:D], wr[j][0:D]>: M tokens x N rows, vector accumulators over d, one hsum at the end.
 // (A blocked variant that parks the accumulators between blocks of d, so that a tile's rows stay in L1, measured
 // no faster here: the rows stream from L2 well enough.)
+
+#ifdef PK_DPBF16
+template <int M, int N, bool PF>
+static void dot_tile_dp(const uint16_t* const* xr, const uint16_t* const* wr, int64_t D, float* res);
+#endif
+
 template <int M, int N, class TI, bool PF>
 static void dot_tile(const TI* const* xr, const TI* const* wr, int64_t D, float* res) {
+#ifdef PK_DPBF16
+  if (sizeof(TI) == 2) {  // TI = uint16_t: bf16 bits
+    dot_tile_dp<M, N, PF>((const uint16_t* const*)xr, (const uint16_t* const*)wr, D, res);
+    return;
+  }
+#endif
   VR acc[M][N];
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i)
@@ -225,6 +237,7 @@ static void bshrink_t(const TI* dy, int64_t O, const TI* b, int64_t ldb, int ran
 // rows past o1 are clamped (computed twice, stored once) so every output goes through the same code.
 constexpr int64_t kRowdotAhead = 64;  // rows of B prefetched ahead (4 KiB for rank-16 fp32 rows)
 
+
 template <class TI>
 static void rowdot_t(const TI* B, int64_t ld, int rank, int64_t o0, int64_t o1, const proper_cpu::Entry* ent,
                      const int32_t* idx, int n, const float* H, float* Y, int64_t ldy) {
@@ -267,6 +280,10 @@ static void rowdot_t(const TI* B, int64_t ld, int rank, int64_t o0, int64_t o1, 
     }
   }
 }
+
+#ifdef PK_DPBF16
+#include "kernels_dpbf16.h"  // the vdpbf16ps kernels (isa_avx512bf16.cpp only)
+#endif
 
 // ------------------------------------------------------------------------------------------------ accum
 // Y[tok_i, c] += sum_{j < rank} Hs[slot_i + j] * w[j * ldw + c - c0] for c in [c0, c1): rank-space vectors times
@@ -518,6 +535,16 @@ static void pack_rows_t(const TI* src, int64_t lds, int rows, int64_t cols, floa
   for (int r = 0; r < rows; ++r) copy_row(src + (int64_t)r * lds, cols, dst + (int64_t)r * ldd);
 }
 
+// dst[i] = bf16(src[i]): nearest even, NaN -> 0x7FC0, as c10::BFloat16 rounds (a loop the compiler vectorises).
+static void to_bf16_k(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    __builtin_memcpy(&u, src + i, 4);
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    dst[i] = nan ? (uint16_t)0x7FC0 : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
 // ------------------------------------------------------------------------------------- dtype dispatch
 #define PK_T(dt) ((dt) == proper_cpu::kBF16)
 static void shrink_k(int dt, const void* x, int64_t D, const void* a, int rows, const proper_cpu::Entry* ent,
@@ -555,6 +582,14 @@ static void pack_rows_k(int dt, const void* src, int64_t lds, int rows, int64_t 
 }
 #undef PK_T
 
+#ifdef PK_DPBF16
 static const proper_cpu::KernelTable kTable = {
-    PK_ISA_NAME, &shrink_k, &bshrink_k, &rowdot_k, &accum_k, &tn_k, &pack_bt_k, &pack_rows_k,
+    PK_ISA_NAME, &shrink_k, &bshrink_k, &rowdot_k, &accum_k, &tn_k, &pack_bt_k, &pack_rows_k, &to_bf16_k,
+    &rowdot_bf16h, &pack_bt_pairs, &accum_pairs,
 };
+#else
+static const proper_cpu::KernelTable kTable = {
+    PK_ISA_NAME, &shrink_k, &bshrink_k, &rowdot_k, &accum_k, &tn_k, &pack_bt_k, &pack_rows_k, &to_bf16_k,
+    nullptr, nullptr, nullptr,
+};
+#endif

@@ -41,9 +41,11 @@ namespace {
 bool cpu_has(const std::string& isa) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  if (isa == "avx512")
-    return kernels_avx512() != nullptr && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (isa == "avx512bf16")
+    return kernels_avx512bf16() != nullptr && avx512 && __builtin_cpu_supports("avx512bf16");
+  if (isa == "avx512") return kernels_avx512() != nullptr && avx512;
   if (isa == "avx2")
     return kernels_avx2() != nullptr && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
@@ -51,6 +53,7 @@ bool cpu_has(const std::string& isa) {
 }
 
 const KernelTable* table_for(const std::string& isa) {
+  if (isa == "avx512bf16") return kernels_avx512bf16();
   if (isa == "avx512") return kernels_avx512();
   if (isa == "avx2") return kernels_avx2();
   return kernels_generic();
@@ -58,7 +61,7 @@ const KernelTable* table_for(const std::string& isa) {
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
-  for (const char* n : {"avx512", "avx2", "generic"})
+  for (const char* n : {"avx512bf16", "avx512", "avx2", "generic"})
     if (cpu_has(n)) out.push_back(n);
   return out;
 }
@@ -67,8 +70,8 @@ const KernelTable* g_table = nullptr;
 
 const KernelTable* select_isa(const std::string& want) {
   if (want.empty() || want == "auto") return table_for(supported_isas().front());
-  TORCH_CHECK(want == "avx512" || want == "avx2" || want == "generic",
-              "proper_kernels cpu: unknown ISA '", want, "' (expected auto, avx512, avx2 or generic)");
+  TORCH_CHECK(want == "avx512bf16" || want == "avx512" || want == "avx2" || want == "generic",
+              "proper_kernels cpu: unknown ISA '", want, "' (expected auto, avx512bf16, avx512, avx2 or generic)");
   TORCH_CHECK(cpu_has(want), "proper_kernels cpu: this CPU cannot run the '", want, "' kernels");
   return table_for(want);
 }
@@ -385,6 +388,10 @@ at::Tensor cpu_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& 
   int64_t rank_cap = 1;
   for (const GroupDesc& g : p.groups) rank_cap = std::max<int64_t>(rank_cap, g.rank);
   const int64_t ldt = padded_ld(kExpandCols);
+  // bf16 delta returned in bf16: the vdpbf16ps expands, which round H to bf16 as the torch reference does (with an
+  // fp32 `out` the delta keeps fp32 accuracy: the widening expands). The pairs fit in the fp32 scratch.
+  const bool pairs = p.dt == kBF16 && !acc && K->accum_pairs != nullptr;
+  const auto rowdot = pairs ? K->rowdot_bf16h : K->rowdot;
   std::vector<std::vector<float>> scratch(nt);
 
   // Users with few tokens (decode) are "late": their shrink and expand run together, reading A_u and B_u once,
@@ -400,6 +407,14 @@ at::Tensor cpu_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& 
     for (int32_t i = 0; i < tk.len; ++i) tok_late[p.ent[p.task_idx[tk.start + i]].tok] = 1;
   }
   float* yp = y.data_ptr<float>();
+  // A bf16 delta is rounded in the expand's epilogue, block by block while the block is still in cache (as
+  // torch's .to(bfloat16) rounds: nearest even), instead of a separate pass over the whole fp32 delta.
+  at::Tensor yb;
+  uint16_t* ybp = nullptr;
+  if (!acc && x.scalar_type() == at::kBFloat16) {
+    yb = at::empty({p.T, p.O}, x.options());
+    ybp = reinterpret_cast<uint16_t*>(yb.data_ptr());
+  }
 
   // 1) shrink per chunk (experts, users with many tokens), and the late users (shrink + expand)
   const int64_t n1 = p.nchunks + (int64_t)late.size();
@@ -411,7 +426,7 @@ at::Tensor cpu_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& 
       if (i + 1 < (int64_t)late.size()) prefetch_head(p.groups[p.tasks[late[i + 1]].group], p.D, p.esz);
       K->shrink(p.dt, xp, p.D, g.a, g.rank, p.ent.data(), idx, tk.len, 1, H.data());
       for (int32_t q = 0; q < tk.len; ++q) std::memset(yp + (int64_t)p.ent[idx[q]].tok * p.O, 0, p.O * sizeof(float));
-      K->rowdot(p.dt, g.b, g.ldb, g.rank, 0, p.O, p.ent.data(), idx, tk.len, H.data(), yp, p.O);
+      rowdot(p.dt, g.b, g.ldb, g.rank, 0, p.O, p.ent.data(), idx, tk.len, H.data(), yp, p.O);
       return;
     }
     i -= (int64_t)late.size();
@@ -437,16 +452,25 @@ at::Tensor cpu_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& 
       const Task& tk = p.tasks[q];
       const GroupDesc& g = p.groups[tk.group];
       const int32_t* idx = p.task_idx.data() + tk.start;
-      if (use_bt[tk.group]) {
+      if (use_bt[tk.group] && pairs) {  // bf16 B^T as bf16 pairs (half the bytes; vdpbf16ps)
+        uint32_t* bp = reinterpret_cast<uint32_t*>(bt.data());
+        K->pack_bt_pairs((const char*)g.b + o0 * g.ldb * p.esz, g.ldb, g.rank, o1 - o0, bp, ldt);
+        K->accum_pairs(bp, ldt, g.rank, o0, o1, p.ent.data(), idx, tk.len, H.data(), yp, p.O);
+      } else if (use_bt[tk.group]) {
         K->pack_bt(p.dt, (const char*)g.b + o0 * g.ldb * p.esz, g.ldb, g.rank, o1 - o0, bt.data(), ldt);
         K->accum(kF32, bt.data(), ldt, g.rank, o0, o1, p.ent.data(), idx, tk.len, H.data(), yp, p.O);
       }
       else if (tk.group < p.K)
-        K->rowdot(p.dt, g.b, g.ldb, g.rank, o0, o1, p.ent.data(), idx, tk.len, H.data(), yp, p.O);
+        rowdot(p.dt, g.b, g.ldb, g.rank, o0, o1, p.ent.data(), idx, tk.len, H.data(), yp, p.O);
     }
+    if (ybp)  // every term of these rows' columns [o0, o1) is in: round them
+      for (int64_t q = s; q < e; ++q) {
+        const int64_t off = (int64_t)p.order[q] * p.O + o0;
+        K->to_bf16(yp + off, o1 - o0, ybp + off);
+      }
   });
   if (acc) return out->add_(y.view(out->sizes()));
-  return maybe_to(y, x.scalar_type());
+  return ybp ? yb : maybe_to(y, x.scalar_type());
 }
 
 // --------------------------------------------------------------------------------------------- backward
@@ -676,8 +700,9 @@ void register_cpu(pybind11::module& m) {
         pybind11::arg("gates"), pybind11::arg("user_a"), pybind11::arg("user_b"), pybind11::arg("user_ids"),
         pybind11::arg("user_ranks"), pybind11::arg("expert_scale"), pybind11::arg("user_scale"),
         pybind11::arg("user_weight"), pybind11::arg("d_out"), pybind11::arg("needs"));
-  m.def("cpu_isa", &cpu_isa, "the micro-kernel ISA in use: avx512, avx2 or generic");
-  m.def("cpu_set_isa", &cpu_set_isa, "select the micro-kernel ISA (auto, avx512, avx2, generic); returns it",
+  m.def("cpu_isa", &cpu_isa, "the micro-kernel ISA in use: avx512bf16, avx512, avx2 or generic");
+  m.def("cpu_set_isa", &cpu_set_isa,
+        "select the micro-kernel ISA (auto, avx512bf16, avx512, avx2, generic); returns it",
         pybind11::arg("name"));
   m.def("cpu_supported_isas", &supported_isas, "ISAs this CPU can run, best first");
 }

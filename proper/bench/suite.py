@@ -6,7 +6,8 @@ markdown table and PNG plots; `--regen` rebuilds BENCHMARKS.md from a results fo
     python -m proper.bench.suite --regen benchmarks/results      # BENCHMARKS.md from saved results
 
 Speed is reported as ratios measured in one run: vs the naive loop, vs peft, vs the byte floor (bytes the op
-must read / read bandwidth measured now) and vs the fp32 GEMM rate measured now.
+must read / read bandwidth measured now) and vs the fp32 GEMM rate measured now. The full run adds the cases
+beyond the caches in fp32 and bf16 (proper.bench.op_cold: weights from memory, the GEMM rate of each dtype).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Dict, List
 import torch
 from tqdm import tqdm
 
+from . import op_cold
 from .layer_cases import grid, make_inputs, work
 from .providers import providers
 from .timing import measure, peak_memory_mb
@@ -138,6 +140,9 @@ def markdown(rows, env) -> str:
             out.append(f"| {r['name']} | {r['provider']} | {r['ms']:.3f} | {r['peak_mb']:.1f} | "
                        f"{fmt(r['x_vs_naive'], '.2f')} | {fmt(r['x_vs_peft_mixed'], '.2f')} | "
                        f"{r['pct_byte_floor']:.0f} | {r['pct_gemm_rate']:.0f} |")
+    cold = [r for r in rows if r["kind"] == "cold"]
+    if cold:
+        out += [""] + op_cold.markdown(cold)
     model = [r for r in rows if r["kind"] == "model"]
     if model:
         out += ["", "Model level:", "", "| case | provider | ms | x vs base | peak MB |", "|---|---|---:|---:|---:|"]
@@ -218,6 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the small subset (proper bench)")
     p.add_argument("--no-model", action="store_true", help="skip the SmolLM2 model-level cases")
     p.add_argument("--no-peft", action="store_true")
+    p.add_argument("--no-cold", action="store_true",
+                   help="skip the beyond-the-caches cases (proper.bench.op_cold; never in --quick)")
     p.add_argument("--regen", metavar="RESULTS_DIR", help="rebuild BENCHMARKS.md from saved results and exit")
     p.add_argument("--target", default="BENCHMARKS.md", help="the file --regen writes")
     args = p.parse_args(argv)
@@ -228,6 +235,8 @@ def main(argv=None) -> int:
         return 0
     env = environment()
     rows = run_layer_cases(args.quick, with_peft=not args.no_peft)
+    if not args.quick and not args.no_cold:
+        rows += op_cold.run_cold_cases()
     if not args.no_model:
         rows += run_model_cases(args.quick)
     md = write_results(rows, env, Path(args.out))

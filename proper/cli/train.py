@@ -53,6 +53,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "in the paper; on: the per-user export is inexact and refused)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="learning rate within each stage: constant, or a cosine down to 10%% at its last step")
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="linear learning-rate warmup over each stage's first N steps (each stage starts a fresh "
+                        "AdamW; default 0: none)")
     p.add_argument("--user-select", choices=("dev", "none"), default="dev",
                    help="per-user early stopping: keep a user's LoRA only where it lowered that user's dev loss")
     p.add_argument("--select-per-user", type=int, default=None,

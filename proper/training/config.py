@@ -72,6 +72,9 @@ class TrainConfig:
     sampling: str = "example"          # "example": uniform over training examples; "user": user, then example
     grad_clip: float = 1.0
     lr_schedule: str = "constant"      # within each stage: "constant" or "cosine" (to 10% at the stage's end)
+    # linear learning-rate warmup over each stage's first N steps: every stage starts a fresh AdamW, whose first
+    # updates move every parameter by about lr whatever its gradient's size (m / sqrt(v) = +-1 at step 1)
+    warmup_steps: int = 0
     backend: str = "auto"
     resume: bool = False
     num_layers: Optional[int] = None   # keep only the first N decoder layers (tests and smoke runs)
@@ -115,7 +118,7 @@ class TrainConfig:
         for name in ("batch_size", "eval_every", "patience", "expert_rank", "user_rank", "max_len"):
             if int(getattr(cfg, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-        for name in ("steps_population", "steps_group", "steps_user", "num_experts", "top_k"):
+        for name in ("steps_population", "steps_group", "steps_user", "num_experts", "top_k", "warmup_steps"):
             if int(getattr(cfg, name)) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
         cfg.ablations = tuple(cfg.ablations)

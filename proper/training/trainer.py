@@ -269,7 +269,7 @@ class Trainer:
                     parts["router_grad_norm"] = _grad_norm([p for p in named.values() if id(p) in routers])
                 parts["grad_norm"] = float(gn)
                 for g, lr in zip(opt.param_groups, base_lrs):
-                    g["lr"] = lr * lr_factor(cfg.lr_schedule, step, steps)
+                    g["lr"] = lr * lr_factor(cfg.lr_schedule, step, steps, cfg.warmup_steps)
                 opt.step(touched=DD.union_rows(opt.touched_rows()))   # every rank moves the same users
                 hist["steps"].append({"step": step, **parts})
                 bar.update(1)
@@ -335,13 +335,15 @@ class Trainer:
 COSINE_FLOOR = 0.1
 
 
-def lr_factor(schedule: str, step: int, steps: int) -> float:
+def lr_factor(schedule: str, step: int, steps: int, warmup: int = 0) -> float:
     """The learning-rate multiplier of ``step`` (0-based) in a stage of ``steps``: 1 ("constant"), or a cosine
     from 1 down to COSINE_FLOOR at the last step ("cosine": the last evaluations of a stage see less step noise,
-    so early stopping compares settled weights). A function of the step only, so a resumed stage matches."""
+    so early stopping compares settled weights), times a linear warmup (step + 1) / warmup over the first
+    ``warmup`` steps. A function of the step only, so a resumed stage matches."""
+    ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
     if schedule == "constant" or steps <= 1:
-        return 1.0
-    return COSINE_FLOOR + (1.0 - COSINE_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * step / (steps - 1)))
+        return ramp
+    return ramp * (COSINE_FLOOR + (1.0 - COSINE_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * step / (steps - 1))))
 
 
 def _grad_norm(params) -> float:

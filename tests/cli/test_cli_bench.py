@@ -57,3 +57,40 @@ def test_interleaved_times_alternates_the_setups():
     t = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3, warmup=1)
     assert calls == ["a", "b"] + ["a", "b"] * 3
     assert {k: len(v) for k, v in t.items()} == {"a": 3, "b": 3} and all(x >= 0 for v in t.values() for x in v)
+
+
+def test_cold_cases_rows_and_table(monkeypatch, tmp_path):
+    """The beyond-the-caches cases: one row per case x dtype x provider, floors from the same rounds, each copy of
+    the problem used in turn; the suite's table shows them; bad --dtypes / --cases are named."""
+    import pytest
+
+    from proper.bench import layer_cases, op_cold
+
+    class Probes:   # fixed rates: the arithmetic of the floors is checked, not this machine
+        def read_gbs(self):
+            return 10.0
+
+        def gemm_gflops(self, dtype_name):
+            return {"fp32": 50.0, "bf16": 200.0}[dtype_name]
+
+    monkeypatch.setattr(op_cold, "_Probes", Probes)
+    monkeypatch.setattr(op_cold, "CASES", {"decode-cold": layer_cases.LayerCase("decode", 8, "distinct", 8, False, 4, 2,
+                                                                                 d=64)})
+    seen = []
+    real = op_cold._call
+    monkeypatch.setattr(op_cold, "_call", lambda b, kw: seen.append(id(kw["x"])) or real(b, kw))
+    rows = op_cold.run_cold_cases(cases=("decode-cold",), providers=("torch",), rounds=2, cold_bytes=1e5,
+                                  progress=False)
+    assert [(r["dtype"], r["provider"]) for r in rows] == [("fp32", "torch"), ("bf16", "torch")]
+    fp32, bf16 = rows
+    assert fp32["copies"] >= 2 and len(set(seen)) == fp32["copies"] + bf16["copies"]
+    assert bf16["bytes"] * 2 == fp32["bytes"] and bf16["gemm_gflops"] == 200.0
+    for r in rows:
+        assert abs(r["floor_ms"] - r["bytes"] / 10e9 * 1e3) < 1e-12
+        assert abs(r["pct_byte_floor"] - 100 * r["floor_ms"] / r["ms"]) < 1e-9
+    from proper.bench import suite
+
+    md = suite.markdown(rows, {"machine": "m", "versions": {"torch": "t"}, "commit": None, "date": "d"})
+    assert "Beyond the caches" in md and "| decode-cold (T8, U8) | bf16 | torch |" in md
+    with pytest.raises(SystemExit):
+        op_cold.main(["--dtypes", "fp16", "--out", str(tmp_path)])

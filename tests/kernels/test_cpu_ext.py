@@ -145,6 +145,64 @@ def test_every_isa_matches_the_oracle():
 
 
 @needs_cpu
+@pytest.mark.parametrize("shape", ["decode", "packed", "wide-rank"])
+def test_bf16_products_kernels(shape):
+    """The vdpbf16ps kernels (ISA avx512bf16: shrink, row-dot expand, bf16-pair packed expand) on their edges: d_in
+    with and without a tail of 32, odd ranks and ranks over 32 (several steps, a zero high half in the last pair),
+    d_out off the 16-column vectors and the 128-column blocks, odd and even B row strides, and a rank past the
+    row-dot's stack copy (the widening fallback). Bounded by the torch reference's own bf16 error, as every
+    backend; and close to the widening avx512 kernels."""
+    from proper_kernels import cpu
+    if "avx512bf16" not in cpu.supported_isas():
+        pytest.skip("this CPU has no AVX512-BF16")
+    kw = {"decode": dict(T=21, d_in=70, d_out=45, K=3, r_e=33, U=21, r_max=40, popularity="distinct", seed=3),
+          "packed": dict(T=200, d_in=96, d_out=150, K=3, r_e=7, U=3, r_max=48, popularity="uniform", seed=4),
+          "wide-rank": dict(T=6, d_in=40, d_out=20, K=2, r_e=8, U=6, r_max=300, popularity="distinct", seed=5),
+          }[shape]
+    case = make_case(dtype=torch.bfloat16, **kw)
+    before = cpu.isa()
+    try:
+        got = {}
+        for isa in ("avx512bf16", "avx512"):
+            cpu.set_isa(isa)
+            check_backend("cpu", case, f"{isa}/{shape}")
+            with torch.no_grad():
+                got[isa] = _call(pk.routed_lora, case, backend="cpu").float()
+    finally:
+        cpu.set_isa(before)
+    scale = got["avx512"].abs().max().item()
+    # the two differ by the rounding of H to bf16 in the expand (and fp32 summation order): a few bf16 ulps
+    assert (got["avx512bf16"] - got["avx512"]).abs().max().item() <= 2 ** -6 * scale
+    assert not torch.equal(got["avx512bf16"], got["avx512"]) or shape == "wide-rank"
+
+
+@needs_cpu
+@pytest.mark.parametrize("shape", ["decode", "prefill"])
+def test_bf16_delta_rounded_in_the_epilogue(shape):
+    """A bf16 call rounds its delta block by block in the expand: bitwise torch's .to(bfloat16) of the same fp32
+    delta (the out= path keeps it in fp32), for every token (decode: late users only; prefill: chunks of experts and
+    packed users), with the widening kernels (the vdpbf16ps ones round H differently on the two paths)."""
+    from proper_kernels import cpu
+    kw = {"decode": dict(T=23, d_in=50, d_out=300, K=3, r_e=8, U=23, popularity="distinct", seed=13),
+          "prefill": dict(T=333, d_in=64, d_out=141, K=4, r_e=8, U=5, popularity="zipf", seed=14)}[shape]
+    case = make_case(dtype=torch.bfloat16, **kw)
+    before = cpu.isa()
+    try:
+        for isa in [i for i in cpu.supported_isas() if i != "avx512bf16"]:
+            cpu.set_isa(isa)
+            with torch.no_grad():
+                direct = _call(pk.routed_lora, case, backend="cpu")
+                args = [case.get(k) for k in ("x", "expert_a", "expert_b", "gates", "user_a", "user_b", "user_ids")]
+                kws = {k: case[k] for k in ("user_ranks", "expert_scale", "user_scale", "user_weight") if k in case}
+                call = pk.prepare_routed_lora(*args, backend="cpu", **kws)   # (out= may be fp32 there)
+                fp32 = call(case["x"], out=torch.zeros(kw["T"], kw["d_out"]))
+            assert direct.dtype == torch.bfloat16
+            assert torch.equal(direct, fp32.to(torch.bfloat16)), isa
+    finally:
+        cpu.set_isa(before)
+
+
+@needs_cpu
 @pytest.mark.parametrize("which", [("gates",), ("user_weight",), ("x",), ("expert_a", "user_b"), ("user_a",),
                                    ("expert_b", "gates", "user_weight")])
 def test_partial_gradients(which):

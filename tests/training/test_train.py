@@ -69,6 +69,11 @@ def test_lr_schedule():
     assert {lr_factor("constant", s, 50) for s in range(50)} == {1.0} and lr_factor("cosine", 0, 1) == 1.0
     with pytest.raises(ValueError, match="--lr-schedule"):
         T.TrainConfig(lr_schedule="linear").resolved()
+    w = [lr_factor("constant", s, 50, warmup=10) for s in range(50)]
+    assert w[0] == 0.1 and w[9] == 1.0 and set(w[9:]) == {1.0} and all(a < b for a, b in zip(w[:10], w[1:10]))
+    assert lr_factor("cosine", 4, 50, warmup=10) == 0.5 * lr_factor("cosine", 4, 50)
+    with pytest.raises(ValueError, match="--warmup-steps"):
+        T.TrainConfig(warmup_steps=-1).resolved()
 
 
 # ---------------------------------------------------------------------------------- end to end (slow)
