@@ -93,6 +93,18 @@ class UserBatch:
         self.prepared = BoundedCache(ROUTING_ENTRIES)    # per-layer prepared routed_lora calls under no_grad
         self._rows = BoundedCache()
         self._tokens = BoundedCache()
+        self._covers: Optional[bool] = None
+
+    @property
+    def covers_table(self) -> bool:
+        """Whether every row of the user table is one of this batch's ids (e.g. a batch of all users, or of as many
+        users as a paged model has slots): per-user work may then run over the whole table and pick rows from the
+        small results, which spares gathering copies of the big per-user tensors and the full-table zeros of the
+        gather's backward. Computed once per batch."""
+        if self._covers is None:
+            self._covers = bool(self.has_known and not self.has_unknown and self.ids.numel() >= self.num_users
+                                and torch.unique(self.ids).numel() == self.num_users)
+        return self._covers
 
     def __len__(self) -> int:
         return self.ids.shape[0]

@@ -81,9 +81,15 @@ def bind_forward(p: Problem):
     return run
 
 
-def backward(grad_out: torch.Tensor, p: Problem, needs):
+def forward_saving(p: Problem):
+    """(delta, saved): the forward of a training step, plus A x of every (token, adapter) term ([n] fp32), which
+    ``backward(..., saved=saved)`` reads instead of recomputing it (one of its five rank-r products)."""
+    return tuple(_ext.load().cpu_forward_saving(*_args(p)))
+
+
+def backward(grad_out: torch.Tensor, p: Problem, needs, saved=None):
     grad_out = grad_out.to(p.x.dtype).contiguous()
-    grads = _ext.load().cpu_backward(grad_out, *_args(p), [bool(n) for n in needs])
+    grads = _ext.load().cpu_backward(grad_out, *_args(p), [bool(n) for n in needs], saved)
     # d(gates) and d(user_weight) come back in fp32; every gradient takes its input's dtype
     return tuple(None if (g is None or not n) else (g if g.dtype == t.dtype else g.to(t.dtype))
                  for g, n, t in zip(grads, needs, p.differentiable()))

@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -353,12 +354,14 @@ void parallel_items(int64_t n, int nthreads, const F& f) {
 at::Tensor maybe_to(const at::Tensor& t, at::ScalarType st) { return t.scalar_type() == st ? t : t.to(st); }
 
 // ---------------------------------------------------------------------------------------------- forward
-at::Tensor cpu_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& ea, const c10::optional<at::Tensor>& eb,
-                       const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& ua,
-                       const c10::optional<at::Tensor>& ub, const c10::optional<at::Tensor>& ids,
-                       const c10::optional<at::Tensor>& ranks, double expert_scale,
-                       const c10::optional<at::Tensor>& us, const c10::optional<at::Tensor>& w, int64_t d_out,
-                       const c10::optional<at::Tensor>& out) {
+// The forward; with `saved` non-null it also returns there the unscaled rank-space vectors H = A x of every entry
+// ([nslots] fp32, the layout the backward's plan gives them), which the backward then reads instead of recomputing.
+at::Tensor forward_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>& ea, const c10::optional<at::Tensor>& eb,
+                        const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& ua,
+                        const c10::optional<at::Tensor>& ub, const c10::optional<at::Tensor>& ids,
+                        const c10::optional<at::Tensor>& ranks, double expert_scale,
+                        const c10::optional<at::Tensor>& us, const c10::optional<at::Tensor>& w, int64_t d_out,
+                        const c10::optional<at::Tensor>& out, at::Tensor* saved) {
   const int nt = std::max(1, at::get_num_threads());
   const KernelTable* K = kt();
   // x [..., d_in] and out [..., d_out] may carry leading dims (a layer's [B, S, d]): viewed as [T, d] here, in
@@ -376,9 +379,22 @@ at::Tensor cpu_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& 
                 "proper_kernels cpu: 'out' must be a contiguous fp32 CPU tensor [T, d_out]");
   }
   at::Tensor y = at::empty({p.T, p.O}, x.options().dtype(at::kFloat));
+  if (saved) *saved = at::empty({p.nslots}, x.options().dtype(at::kFloat));
   if (p.T == 0) return acc ? *out : maybe_to(y, x.scalar_type());
   std::vector<float> H((size_t)std::max<int64_t>(1, p.nslots));
   const void* xp = x.data_ptr();
+  float* hs = saved ? saved->data_ptr<float>() : nullptr;
+  // H = coef * (A x) per entry; when saving, A x is kept unscaled and then scaled with the same fp32 multiply the
+  // kernel's scale flag does, so the expand sees bitwise the same H either way
+  auto shrink = [&](const GroupDesc& g, const int32_t* idx, int n) {
+    K->shrink(p.dt, xp, p.D, g.a, g.rank, p.ent.data(), idx, n, hs ? 0 : 1, H.data());
+    if (hs)
+      for (int q = 0; q < n; ++q) {
+        const Entry& en = p.ent[idx[q]];
+        float* h = H.data() + en.slot;
+        for (int j = 0; j < g.rank; ++j) hs[en.slot + j] = h[j], h[j] *= en.coef;
+      }
+  };
 
   // Groups with many tokens expand through B^T: each expand item packs the block of B^T it needs (fp32, in L1)
   std::vector<char> use_bt(p.groups.size(), 0);
@@ -424,7 +440,7 @@ at::Tensor cpu_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& 
       const GroupDesc& g = p.groups[tk.group];
       const int32_t* idx = p.task_idx.data() + tk.start;
       if (i + 1 < (int64_t)late.size()) prefetch_head(p.groups[p.tasks[late[i + 1]].group], p.D, p.esz);
-      K->shrink(p.dt, xp, p.D, g.a, g.rank, p.ent.data(), idx, tk.len, 1, H.data());
+      shrink(g, idx, tk.len);
       for (int32_t q = 0; q < tk.len; ++q) std::memset(yp + (int64_t)p.ent[idx[q]].tok * p.O, 0, p.O * sizeof(float));
       rowdot(p.dt, g.b, g.ldb, g.rank, 0, p.O, p.ent.data(), idx, tk.len, H.data(), yp, p.O);
       return;
@@ -434,7 +450,7 @@ at::Tensor cpu_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& 
       const Task& tk = p.tasks[q];
       if (tk.group >= p.K && !use_bt[tk.group]) continue;  // a late user
       const GroupDesc& g = p.groups[tk.group];
-      K->shrink(p.dt, xp, p.D, g.a, g.rank, p.ent.data(), p.task_idx.data() + tk.start, tk.len, 1, H.data());
+      shrink(g, p.task_idx.data() + tk.start, tk.len);
     }
   });
 
@@ -473,13 +489,34 @@ at::Tensor cpu_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& 
   return ybp ? yb : maybe_to(y, x.scalar_type());
 }
 
+at::Tensor cpu_forward(const at::Tensor& x, const c10::optional<at::Tensor>& ea, const c10::optional<at::Tensor>& eb,
+                       const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& ua,
+                       const c10::optional<at::Tensor>& ub, const c10::optional<at::Tensor>& ids,
+                       const c10::optional<at::Tensor>& ranks, double expert_scale,
+                       const c10::optional<at::Tensor>& us, const c10::optional<at::Tensor>& w, int64_t d_out,
+                       const c10::optional<at::Tensor>& out) {
+  return forward_impl(x, ea, eb, gates, ua, ub, ids, ranks, expert_scale, us, w, d_out, out, nullptr);
+}
+
+// (delta, saved): the forward of a training step, keeping A x for cpu_backward's `saved`.
+std::tuple<at::Tensor, at::Tensor> cpu_forward_saving(
+    const at::Tensor& x, const c10::optional<at::Tensor>& ea, const c10::optional<at::Tensor>& eb,
+    const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& ua, const c10::optional<at::Tensor>& ub,
+    const c10::optional<at::Tensor>& ids, const c10::optional<at::Tensor>& ranks, double expert_scale,
+    const c10::optional<at::Tensor>& us, const c10::optional<at::Tensor>& w, int64_t d_out) {
+  TORCH_CHECK(x.dim() == 2, "proper_kernels cpu: x must be [T, d_in]");
+  at::Tensor saved;
+  at::Tensor y = forward_impl(x, ea, eb, gates, ua, ub, ids, ranks, expert_scale, us, w, d_out, c10::nullopt, &saved);
+  return {y, saved};
+}
+
 // --------------------------------------------------------------------------------------------- backward
 std::vector<c10::optional<at::Tensor>> cpu_backward(
     const at::Tensor& dy_in, const at::Tensor& x, const c10::optional<at::Tensor>& ea,
     const c10::optional<at::Tensor>& eb, const c10::optional<at::Tensor>& gates, const c10::optional<at::Tensor>& ua,
     const c10::optional<at::Tensor>& ub, const c10::optional<at::Tensor>& ids, const c10::optional<at::Tensor>& ranks,
     double expert_scale, const c10::optional<at::Tensor>& us, const c10::optional<at::Tensor>& w, int64_t d_out,
-    std::vector<bool> needs) {
+    std::vector<bool> needs, const c10::optional<at::Tensor>& saved) {
   TORCH_CHECK(needs.size() == 7, "proper_kernels cpu: needs must have 7 flags");
   const int nt = std::max(1, at::get_num_threads());
   const KernelTable* K = kt();
@@ -511,6 +548,14 @@ std::vector<c10::optional<at::Tensor>> cpu_backward(
 
   std::vector<float> H(need_h ? (size_t)std::max<int64_t>(1, p.nslots) : 1);
   std::vector<float> Dr(need_dr ? (size_t)std::max<int64_t>(1, p.nslots) : 1);
+  // A x from the forward (cpu_forward_saving on the same inputs, hence the same plan and slots): no shrink here
+  const bool have_h = need_h && saved.has_value();
+  if (have_h) {
+    TORCH_CHECK(saved->scalar_type() == at::kFloat && saved->is_contiguous() && saved->numel() == p.nslots,
+                "proper_kernels cpu: 'saved' must be the [", p.nslots, "] fp32 tensor cpu_forward_saving returned "
+                "for these inputs, got ", saved->numel(), " elements");
+    if (p.nslots) std::memcpy(H.data(), saved->data_ptr<float>(), (size_t)p.nslots * sizeof(float));
+  }
   const void* xp = x.data_ptr();
   const void* dyp = dy_in.data_ptr();
 
@@ -546,7 +591,7 @@ std::vector<c10::optional<at::Tensor>> cpu_backward(
         if (tk.group < p.K ? !run_e : !run_u) continue;
         const GroupDesc& g = p.groups[tk.group];
         const int32_t* idx = p.task_idx.data() + tk.start;
-        if (need_h) K->shrink(p.dt, xp, p.D, g.a, g.rank, p.ent.data(), idx, tk.len, 0, H.data());
+        if (need_h && !have_h) K->shrink(p.dt, xp, p.D, g.a, g.rank, p.ent.data(), idx, tk.len, 0, H.data());
         if (need_dr) K->bshrink(p.dt, dyp, p.O, g.b, g.ldb, g.rank, p.ent.data(), idx, tk.len, Dr.data());
       }
       const int64_t s = c * p.chunk, e = std::min(p.T, s + p.chunk);
@@ -694,12 +739,19 @@ void register_cpu(pybind11::module& m) {
         pybind11::arg("user_a"), pybind11::arg("user_b"), pybind11::arg("user_ids"), pybind11::arg("user_ranks"),
         pybind11::arg("expert_scale"), pybind11::arg("user_scale"), pybind11::arg("user_weight"),
         pybind11::arg("d_out"), pybind11::arg("out") = pybind11::none());
+  m.def("cpu_forward_saving", &cpu_forward_saving,
+        "routed_lora forward on CPU that also returns A x ([nslots] fp32) for cpu_backward's `saved`",
+        pybind11::arg("x"), pybind11::arg("expert_a"), pybind11::arg("expert_b"), pybind11::arg("gates"),
+        pybind11::arg("user_a"), pybind11::arg("user_b"), pybind11::arg("user_ids"), pybind11::arg("user_ranks"),
+        pybind11::arg("expert_scale"), pybind11::arg("user_scale"), pybind11::arg("user_weight"),
+        pybind11::arg("d_out"));
   m.def("cpu_backward", &cpu_backward,
         "routed_lora backward on CPU: [dx, d_expert_a, d_expert_b, d_gates, d_user_a, d_user_b, d_user_weight]",
         pybind11::arg("grad_out"), pybind11::arg("x"), pybind11::arg("expert_a"), pybind11::arg("expert_b"),
         pybind11::arg("gates"), pybind11::arg("user_a"), pybind11::arg("user_b"), pybind11::arg("user_ids"),
         pybind11::arg("user_ranks"), pybind11::arg("expert_scale"), pybind11::arg("user_scale"),
-        pybind11::arg("user_weight"), pybind11::arg("d_out"), pybind11::arg("needs"));
+        pybind11::arg("user_weight"), pybind11::arg("d_out"), pybind11::arg("needs"),
+        pybind11::arg("saved") = pybind11::none());
   m.def("cpu_isa", &cpu_isa, "the micro-kernel ISA in use: avx512bf16, avx512, avx2 or generic");
   m.def("cpu_set_isa", &cpu_set_isa,
         "select the micro-kernel ISA (auto, avx512bf16, avx512, avx2, generic); returns it",

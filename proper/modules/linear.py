@@ -216,10 +216,15 @@ class ProperLinear(nn.Module):
         if not (stage == "user" and batch.has_known and context.lora_router_active(self._state)):
             return None, None
         u = ids.clamp(min=0)
+        ranks = self._ranks_arg()   # None for full ranks: nothing to mask
+        if batch.covers_table and self.user_a.shape[0] == batch.num_users:
+            # every table row is in the batch: route the whole table and pick rows of the small [U, K + 1] result
+            # (no gathered copies of user_a / user_b, whose backward would zero and index_add full-table tensors)
+            delta, w = self.lora_router(self.user_a, self.user_b, ranks, self.user_scale)
+            return (None if delta is None else delta.index_select(0, u)), w.index_select(0, u)
         # index_select, not [u]: its backward is an index_add, far cheaper than advanced indexing's index_put
-        ranks = None if self._ranks_arg() is None else self.user_ranks[u]   # full ranks: nothing to mask
-        return self.lora_router(self.user_a.index_select(0, u), self.user_b.index_select(0, u), ranks,
-                                self.user_scale[u])
+        return self.lora_router(self.user_a.index_select(0, u), self.user_b.index_select(0, u),
+                                None if ranks is None else ranks[u], self.user_scale[u])
 
     def route_users(self, batch: "context.UserBatch", ids: Tensor,
                     stage: str) -> Tuple[Optional[Tensor], Optional[Tensor]]:

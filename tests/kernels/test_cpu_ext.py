@@ -221,6 +221,47 @@ def test_partial_gradients(which):
 
 
 @needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [dict(T=70, popularity="zipf"), dict(T=300, K=3, r_e=8, U=4, popularity="identical"),
+                                dict(T=31, K=0), dict(T=40, users=False), dict(T=50, popularity="half_none")],
+                         ids=["zipf", "packed", "users-only", "experts-only", "half-no-user"])
+def test_backward_reads_the_saved_shrink(dtype, kw, monkeypatch):
+    """With gradients of B, gates or w to compute, the forward keeps A x (routed_lora_train) and the backward reads
+    it instead of recomputing it: the same kernels on the same plan, so every output and gradient is bitwise the
+    recomputing path's."""
+    from proper_kernels import cpu, op
+
+    case = make_case(dtype=dtype, seed=21, **kw)
+    go = grad_out_for(case, (case.get("expert_b") if case.get("expert_b") is not None else case["user_b"]).shape[1])
+    calls = []
+    real = cpu.forward_saving
+    monkeypatch.setattr(cpu, "forward_saving", lambda p: calls.append(1) or real(p))
+    saving = run_with_grads(pk.routed_lora, case, go, backend="cpu")
+    assert calls, "routed_lora_train was not used"
+    monkeypatch.setattr(op, "_saves", lambda p, b: False)
+    recomputing = run_with_grads(pk.routed_lora, case, go, backend="cpu")
+    assert len(calls) == 1
+    for k, v in saving.items():
+        assert torch.equal(v, recomputing[k]), k
+
+
+@needs_cpu
+def test_saved_shrink_op_and_its_checks():
+    """routed_lora_train passes torch.library.opcheck (schema, autograd, fake impl with its data-dependent size);
+    a `saved` of the wrong size is refused by name."""
+    case = make_case(T=5, d_in=8, d_out=6, K=2, r_e=2, U=3, r_max=4, nan_pad=False)
+    args = [case[k] for k in ("x", "expert_a", "expert_b", "gates", "user_a", "user_b", "user_ids", "user_ranks")]
+    args = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in args]
+    rest = (0.5, case["user_scale"], case["user_weight"], "cpu")
+    torch.library.opcheck(torch.ops.proper.routed_lora_train.default, (*args, *rest))
+    delta, saved = torch.ops.proper.routed_lora_train(*args, *rest)
+    go = torch.ones_like(delta)
+    with pytest.raises(RuntimeError, match="'saved' must be the"):
+        torch.ops.proper.routed_lora_backward(go, *[t.detach() for t in args], 0.5, case["user_scale"],
+                                              case["user_weight"], "cpu", [True] * 7, saved=saved[1:].detach())
+
+
+@needs_cpu
 def test_small_input_dtypes_and_out():
     """fp64 gates / bf16 user weight with fp32 x, int32 ids and ranks; gradients come back in each input's dtype;
     out= adds into the given tensor."""

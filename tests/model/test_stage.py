@@ -106,3 +106,39 @@ def test_no_experts_no_lora_router_is_plain_multi_user_lora():
     ids = torch.randint(1, 64, (2, 5))
     with torch.no_grad(), proper.users(m, [-1, -1]):
         assert torch.equal(m(ids).logits, tiny_llama()(ids).logits)       # no user, nothing else: the base model
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 2, 4, 3], [2, 0, 1]],
+                         ids=["every-user", "every-user-one-twice", "some-users"])
+@pytest.mark.parametrize("ranks", ["full", "mixed"])
+def test_lora_router_over_the_whole_table_matches_the_gather(ids, ranks, monkeypatch):
+    """A batch holding every user table row routes the whole table (UserBatch.covers_table) and picks rows; the
+    loss and every gradient equal the gathering path's (up to summation order: a user twice in the batch sums its
+    two rows' gradients before, not after, the router's backward)."""
+    from proper.context import UserBatch
+    from proper_fixtures import patched_llama
+
+    m = patched_llama("user", router_head=True)
+    if ranks == "mixed":
+        for layer in proper.proper_layers(m).values():
+            layer.user_ranks.copy_(torch.tensor([4, 1, 3, 0, 2, 4]))
+    x = torch.randint(0, 16, (len(ids), 5), generator=torch.Generator().manual_seed(3))
+
+    def step():
+        m.zero_grad(set_to_none=True)
+        with proper.users(m, ids):
+            loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    seen = []
+    real = UserBatch.covers_table
+    monkeypatch.setattr(UserBatch, "covers_table", property(lambda b: seen.append(real.fget(b)) or seen[-1]))
+    loss, grads = step()
+    assert any(seen) == (len(set(ids)) == 6)
+    monkeypatch.setattr(UserBatch, "covers_table", property(lambda b: False))
+    loss_g, grads_g = step()
+    torch.testing.assert_close(loss, loss_g)
+    assert grads.keys() == grads_g.keys() and any("lora_router" in n for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_g[n], msg=n)
