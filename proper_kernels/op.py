@@ -1,8 +1,7 @@
 """``routed_lora``: argument checks, backend dispatch, autograd and the ``torch.library`` custom op.
 
-Layering: checks.validate -> (custom op proper::routed_lora, or proper::routed_lora_train in an eager training
-step on a backend with forward_saving; autograd via proper::routed_lora_backward) -> backend.forward /
-backend.backward. Backends are modules with the functions
+Layering: checks.validate -> autograd (eager: _EagerRoutedLoRA; traced: the custom op proper::routed_lora, its
+backward proper::routed_lora_backward) -> backend.forward / backend.backward. Backends are modules with the functions
 
     unavailable_reason(device) -> str | None     why the backend cannot run on that device (None: it can)
     unsupported_reason(dtype) -> str | None      why it cannot run inputs of that dtype; optional
@@ -22,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -140,82 +139,56 @@ def _(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert
     return x.new_empty((x.shape[0], d_out))
 
 
-@torch.library.custom_op("proper::routed_lora_train", mutates_args=())
-def _routed_lora_train_op(x: Tensor, expert_a: Optional[Tensor], expert_b: Optional[Tensor], gates: Optional[Tensor],
-                          user_a: Optional[Tensor], user_b: Optional[Tensor], user_ids: Optional[Tensor],
-                          user_ranks: Optional[Tensor], expert_scale: float, user_scale: Optional[Tensor],
-                          user_weight: Optional[Tensor], backend: str, order: Optional[Tensor] = None,
-                          seg_start: Optional[Tensor] = None,
-                          seg_len: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """The forward of a training step on a backend with ``forward_saving``: (delta, saved), where ``saved`` holds
-    what the backward would otherwise recompute (A x of every term, in the backend's own layout; not
-    differentiable)."""
-    p = _problem(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale, user_scale,
-                 user_weight, order, seg_start, seg_len)
-    if x.shape[0] == 0:
-        return x.new_zeros((0, p.d_out)), x.new_empty(0, dtype=torch.float32)
-    delta, saved = _backend_module(backend).forward_saving(p)
-    return delta.contiguous(), saved
-
-
-@_routed_lora_train_op.register_fake
-def _(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale, user_scale, user_weight,
-      backend, order=None, seg_start=None, seg_len=None):
-    d_out = expert_b.shape[1] if expert_b is not None else user_b.shape[1]
-    n = torch.library.get_ctx().new_dynamic_size()   # the number of (token, adapter) rank values: data-dependent
-    return x.new_empty((x.shape[0], d_out)), x.new_empty((n,), dtype=torch.float32)
-
-
 @torch.library.custom_op("proper::routed_lora_backward", mutates_args=())
 def _routed_lora_backward_op(grad_out: Tensor, x: Tensor, expert_a: Optional[Tensor], expert_b: Optional[Tensor],
                              gates: Optional[Tensor], user_a: Optional[Tensor], user_b: Optional[Tensor],
                              user_ids: Optional[Tensor], user_ranks: Optional[Tensor], expert_scale: float,
                              user_scale: Optional[Tensor], user_weight: Optional[Tensor], backend: str,
                              needs: List[bool], order: Optional[Tensor] = None, seg_start: Optional[Tensor] = None,
-                             seg_len: Optional[Tensor] = None, saved: Optional[Tensor] = None) -> List[Tensor]:
+                             seg_len: Optional[Tensor] = None) -> List[Tensor]:
     p = _problem(x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale, user_scale,
                  user_weight, order, seg_start, seg_len)
+    grads = _grads(grad_out, p, needs, backend, None)
+    # A custom op returns tensors only: empty placeholders stand for "no gradient".
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+def _grads(grad_out: Tensor, p: Problem, needs, backend: str, saved: Optional[Tensor]) -> List[Optional[Tensor]]:
+    """The backward body (the custom backward op, and the eager autograd.Function): the 7 gradients in GRAD_NAMES
+    order, None where not needed. ``saved``: what the backend's forward_saving returned, or None."""
     inputs = p.differentiable()
     needs = [bool(n) and t is not None for n, t in zip(needs, inputs)]
-    if x.shape[0] == 0 or not any(needs):
-        grads = [torch.zeros_like(t) if n else None for t, n in zip(inputs, needs)]
-    else:
-        mod = _backend_module(backend)
-        extra = {} if saved is None else {"saved": saved}   # from routed_lora_train's forward
-        grads = list(mod.backward(grad_out.contiguous(), p, tuple(needs), **extra))
-    # A custom op returns tensors only: empty placeholders stand for "no gradient".
-    return [g.contiguous() if n else x.new_empty(0) for g, n in zip(grads, needs)]
+    if p.x.shape[0] == 0 or not any(needs):
+        return [torch.zeros_like(t) if n else None for t, n in zip(inputs, needs)]
+    extra = {} if saved is None else {"saved": saved}   # from the forward of a training step
+    grads = _backend_module(backend).backward(grad_out.contiguous(), p, tuple(needs), **extra)
+    return [g.contiguous() if n else None for g, n in zip(grads, needs)]
 
 
 @_routed_lora_backward_op.register_fake
 def _(grad_out, x, expert_a, expert_b, gates, user_a, user_b, user_ids, user_ranks, expert_scale, user_scale,
-      user_weight, backend, needs, order=None, seg_start=None, seg_len=None, saved=None):
+      user_weight, backend, needs, order=None, seg_start=None, seg_len=None):
     inputs = (x, expert_a, expert_b, gates, user_a, user_b, user_weight)
     return [t.new_empty(t.shape) if (n and t is not None) else x.new_empty(0) for t, n in zip(inputs, needs)]
 
 
 def _setup_context(ctx, inputs, output):
-    # the layout (inputs 12-14) is saved too: the backward reuses the forward's, never rebuilds it; so is
-    # routed_lora_train's `saved` (its second output)
-    saved = output[1] if isinstance(output, tuple) else None
-    if saved is not None:
-        ctx.mark_non_differentiable(saved)
-    ctx.save_for_backward(*inputs[:8], inputs[9], inputs[10], *inputs[12:15], saved)
+    # the layout (inputs 12-14) is saved too: the backward reuses the forward's, never rebuilds it
+    ctx.save_for_backward(*inputs[:8], inputs[9], inputs[10], *inputs[12:15])
     ctx.expert_scale = inputs[8]
     ctx.backend = inputs[11]
 
 
-def _backward(ctx, grad_out, *_):   # routed_lora_train's `saved` output has no gradient
-    (x, ea, eb, g, ua, ub, ids, ranks, us, uw, order, seg_start, seg_len, saved) = ctx.saved_tensors
+def _backward(ctx, grad_out):
+    (x, ea, eb, g, ua, ub, ids, ranks, us, uw, order, seg_start, seg_len) = ctx.saved_tensors
     needs = [bool(n) for n in (ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 5, 10))]
     grads = torch.ops.proper.routed_lora_backward(grad_out, x, ea, eb, g, ua, ub, ids, ranks, ctx.expert_scale,
-                                                  us, uw, ctx.backend, needs, order, seg_start, seg_len, saved)
+                                                  us, uw, ctx.backend, needs, order, seg_start, seg_len)
     gx, gea, geb, gg, gua, gub, guw = [gr if n else None for gr, n in zip(grads, needs)]
     return gx, gea, geb, gg, gua, gub, None, None, None, None, guw, None, None, None, None
 
 
 _routed_lora_op.register_autograd(_backward, setup_context=_setup_context)
-_routed_lora_train_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -265,23 +238,60 @@ def routed_lora(x: Tensor, expert_a: Optional[Tensor], expert_b: Optional[Tensor
 
 
 def _op_call(p: Problem, backend: str) -> Tensor:
-    """The delta through the custom op (autograd, tracing). In eager autograd, on a backend that can keep A x for
-    its backward (``forward_saving``) and a backward that needs it (a gradient of B, gates or user_weight), through
-    routed_lora_train, which saves it; else through routed_lora, whose backward recomputes it."""
+    """The delta with autograd. Traced (torch.compile, fake / meta tensors, subclasses): through the custom op. In
+    eager autograd: through _EagerRoutedLoRA, which calls the same backend functions without the custom op's
+    Python dispatch (about 150 us a layer call, forward and backward, more than the kernel of a small batch); on a
+    backend that can keep A x for its backward (``forward_saving``) and a backward that needs it (a gradient of B,
+    gates or user_weight), its forward saves A x."""
+    if _eager(p):
+        return _EagerRoutedLoRA.apply(p.x, p.expert_a, p.expert_b, p.gates, p.user_a, p.user_b, p.user_weight,
+                                      p, backend, _saves(p, backend))
     lay = p.layout if p.layout is not None else (None, None, None)
-    args = (p.x, p.expert_a, p.expert_b, p.gates, p.user_a, p.user_b, p.user_ids, p.user_ranks, p.expert_scale,
-            p.user_scale, p.user_weight, backend, *lay)
-    if _saves(p, backend):
-        return torch.ops.proper.routed_lora_train(*args)[0]
-    return torch.ops.proper.routed_lora(*args)
+    return torch.ops.proper.routed_lora(p.x, p.expert_a, p.expert_b, p.gates, p.user_a, p.user_b, p.user_ids,
+                                        p.user_ranks, p.expert_scale, p.user_scale, p.user_weight, backend, *lay)
+
+
+def _eager(p: Problem) -> bool:
+    return not torch.compiler.is_compiling() and type(p.x) is torch.Tensor and p.x.device.type != "meta"
 
 
 def _saves(p: Problem, backend: str) -> bool:
-    if torch.compiler.is_compiling() or type(p.x) is not torch.Tensor or not torch.is_grad_enabled():
-        return False   # traced graphs keep the one-output op (no data-dependent saved size)
-    if not hasattr(_backend_module(backend), "forward_saving"):
+    """Whether the forward keeps A x for the backward: the backend can, and the backward will read it."""
+    if not hasattr(_backend_module(backend), "forward_saving") or p.x.shape[0] == 0:
         return False
     return any(t is not None and t.requires_grad for t in (p.expert_b, p.gates, p.user_b, p.user_weight))
+
+
+class _EagerRoutedLoRA(torch.autograd.Function):
+    """Eager autograd for routed_lora: the custom op's forward and backward bodies (_forward / forward_saving,
+    _grads), called directly. Inputs: the 7 differentiable tensors (None where absent), then the validated
+    Problem (its tensors are the same objects), the backend name and whether to save A x."""
+
+    @staticmethod
+    def forward(ctx, x, expert_a, expert_b, gates, user_a, user_b, user_weight, p: Problem, backend: str,
+                save: bool):
+        saved = None
+        if save:
+            delta, saved = _backend_module(backend).forward_saving(p)
+            delta = delta.contiguous()
+        else:
+            delta = _forward(p, backend)
+        lay = p.layout if p.layout is not None else (None, None, None)
+        # tensors through save_for_backward (version checks, saved-tensor hooks); the rest of p by reference
+        ctx.save_for_backward(x, expert_a, expert_b, gates, user_a, user_b, user_weight, p.user_ids, p.user_ranks,
+                              p.user_scale, *lay, saved)
+        ctx.meta = (p.expert_scale, p.d_out, backend, p.layout is not None)
+        return delta
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, ea, eb, g, ua, ub, uw, ids, ranks, us, order, seg_start, seg_len, saved = ctx.saved_tensors
+        expert_scale, d_out, backend, has_layout = ctx.meta
+        lay = TokenLayout(order, seg_start, seg_len) if has_layout else None
+        p = Problem(x, ea, eb, g, ua, ub, ids, ranks, expert_scale, us, uw, d_out, lay)
+        grads = _grads(grad_out, p, ctx.needs_input_grad[:7], backend, saved)
+        return (*grads, None, None, None)
 
 
 def routed_lora_reference(x, expert_a, expert_b, gates, user_a, user_b, user_ids, **kwargs) -> Tensor:

@@ -10,7 +10,9 @@ Batch: 16 users x 64 tokens. Providers, all on the same model and batch, timed i
                mixed-adapter batch): one forward + backward per user
   ours         proper's user stage: K = 8 frozen experts (r = 16, top-2), a user LoRA (r = 16) per user and the
                LoRA-aware router, all 7 projections, the whole mixed batch in one forward + backward
-Goal (issue 8): ours <= 1.2x base (moonshot <= 1.10x) and >= 1.5x faster than peft-loop.
+With --ablations also ours-recompute and ours-gather: ours with one training-step saving switched off each
+(see ablation_providers), timed in the same rounds.
+Goal (issue 17): ours <= 1.22x base (16 x 64), <= 1.25x and >= 3.7x faster than peft-loop (64 x 16).
 """
 from __future__ import annotations
 
@@ -105,6 +107,32 @@ def make_providers(n_users: int, seq: int, rank: int = 16, K: int = 8, top_k: in
     return {"base": base, "ours": ours, "peft-single": peft_single, "peft-loop": peft_loop}
 
 
+def ablation_providers(n_users: int, seq: int) -> Dict[str, object]:
+    """Ours with one of its training-step savings switched off, for a same-run A/B (``--ablations``):
+      ours-recompute  the backward recomputes A x (the forward keeps nothing for it)
+      ours-gather     the LoRA-aware router gathers the batch's user rows even when the batch holds the whole table
+    """
+    from proper.context import UserBatch
+    from proper_kernels import op
+
+    def patched(obj, name, value):
+        def make():
+            step = make_providers(n_users, seq)["ours"]()
+
+            def run():
+                before = obj.__dict__[name]
+                setattr(obj, name, value)
+                try:
+                    step()
+                finally:
+                    setattr(obj, name, before)
+            return run
+        return make
+
+    return {"ours-recompute": patched(op, "_saves", lambda p, backend: False),
+            "ours-gather": patched(UserBatch, "covers_table", property(lambda self: False))}
+
+
 @torch.no_grad()
 def _randomise(model):
     """Non-zero adapters and routers, so no multiplication by an all-zero B is skipped anywhere. Only PROPER's own
@@ -118,12 +146,14 @@ def _randomise(model):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def suite_rows(quick: bool = False, n_users: int = 16, seq: int = 64, rounds: int = 5) -> List[Dict[str, object]]:
+def suite_rows(quick: bool = False, n_users: int = 16, seq: int = 64, rounds: int = 5,
+               ablations: bool = False) -> List[Dict[str, object]]:
     """All providers built first, then timed in interleaved rounds (median per provider), so a burst of load
     on the shared machine hits every provider alike and the ratios stay meaningful."""
     if quick:
         return []      # a SmolLM2 training step per provider takes too long for the quick subset
-    steps = {name: make() for name, make in make_providers(n_users, seq).items()}
+    makers = dict(make_providers(n_users, seq), **(ablation_providers(n_users, seq) if ablations else {}))
+    steps = {name: make() for name, make in makers.items()}
     times = interleaved_times(steps, rounds, warmup=1, progress=True)
     rows = []
     for name, fn in steps.items():
@@ -142,8 +172,10 @@ def main(argv=None) -> int:
     p.add_argument("--users", type=int, default=16)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
+    p.add_argument("--ablations", action="store_true",
+                   help="also time ours with each training-step saving switched off (ours-recompute, ours-gather)")
     args = p.parse_args(argv)
-    rows = suite_rows(False, args.users, args.seq, args.rounds)
+    rows = suite_rows(False, args.users, args.seq, args.rounds, args.ablations)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_step.json").write_text(json.dumps(rows, indent=2))

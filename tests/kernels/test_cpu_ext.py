@@ -226,9 +226,9 @@ def test_partial_gradients(which):
                                 dict(T=31, K=0), dict(T=40, users=False), dict(T=50, popularity="half_none")],
                          ids=["zipf", "packed", "users-only", "experts-only", "half-no-user"])
 def test_backward_reads_the_saved_shrink(dtype, kw, monkeypatch):
-    """With gradients of B, gates or w to compute, the forward keeps A x (routed_lora_train) and the backward reads
-    it instead of recomputing it: the same kernels on the same plan, so every output and gradient is bitwise the
-    recomputing path's."""
+    """With gradients of B, gates or w to compute, the eager forward keeps A x (cpu.forward_saving) and the backward
+    reads it instead of recomputing it: the same kernels on the same plan, so every output and gradient is bitwise
+    the recomputing path's."""
     from proper_kernels import cpu, op
 
     case = make_case(dtype=dtype, seed=21, **kw)
@@ -237,7 +237,7 @@ def test_backward_reads_the_saved_shrink(dtype, kw, monkeypatch):
     real = cpu.forward_saving
     monkeypatch.setattr(cpu, "forward_saving", lambda p: calls.append(1) or real(p))
     saving = run_with_grads(pk.routed_lora, case, go, backend="cpu")
-    assert calls, "routed_lora_train was not used"
+    assert calls, "the forward did not save A x"
     monkeypatch.setattr(op, "_saves", lambda p, b: False)
     recomputing = run_with_grads(pk.routed_lora, case, go, backend="cpu")
     assert len(calls) == 1
@@ -246,19 +246,23 @@ def test_backward_reads_the_saved_shrink(dtype, kw, monkeypatch):
 
 
 @needs_cpu
-def test_saved_shrink_op_and_its_checks():
-    """routed_lora_train passes torch.library.opcheck (schema, autograd, fake impl with its data-dependent size);
-    a `saved` of the wrong size is refused by name."""
+def test_custom_op_on_cpu_and_the_saved_check():
+    """The traced path (the custom op, whose backward recomputes A x) passes torch.library.opcheck on the cpu
+    backend; the backend refuses a `saved` of the wrong size by name."""
+    from proper_kernels import cpu
+    from proper_kernels.checks import validate
+
     case = make_case(T=5, d_in=8, d_out=6, K=2, r_e=2, U=3, r_max=4, nan_pad=False)
     args = [case[k] for k in ("x", "expert_a", "expert_b", "gates", "user_a", "user_b", "user_ids", "user_ranks")]
     args = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in args]
-    rest = (0.5, case["user_scale"], case["user_weight"], "cpu")
-    torch.library.opcheck(torch.ops.proper.routed_lora_train.default, (*args, *rest))
-    delta, saved = torch.ops.proper.routed_lora_train(*args, *rest)
-    go = torch.ones_like(delta)
+    torch.library.opcheck(torch.ops.proper.routed_lora.default,
+                          (*args, 0.5, case["user_scale"], case["user_weight"], "cpu"))
+    p = validate(*[t.detach() for t in args[:7]], user_ranks=args[7], expert_scale=0.5,
+                 user_scale=case["user_scale"], user_weight=case["user_weight"])
+    delta, saved = cpu.forward_saving(p)
+    torch.testing.assert_close(delta, cpu.forward(p), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="'saved' must be the"):
-        torch.ops.proper.routed_lora_backward(go, *[t.detach() for t in args], 0.5, case["user_scale"],
-                                              case["user_weight"], "cpu", [True] * 7, saved=saved[1:].detach())
+        cpu.backward(torch.ones_like(delta), p, [True] * 7, saved=saved[1:])
 
 
 @needs_cpu
