@@ -252,7 +252,11 @@ def _op_call(p: Problem, backend: str) -> Tensor:
 
 
 def _eager(p: Problem) -> bool:
-    return not torch.compiler.is_compiling() and type(p.x) is torch.Tensor and p.x.device.type != "meta"
+    """Plain eager autograd: not tracing, real tensors, no torch.func transform (those need the custom op)."""
+    if torch.compiler.is_compiling() or type(p.x) is not torch.Tensor or p.x.device.type == "meta":
+        return False
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return not (active is not None and active())
 
 
 def _saves(p: Problem, backend: str) -> bool:
