@@ -282,19 +282,17 @@ class _EagerRoutedLoRA(torch.autograd.Function):
             delta = _forward(p, backend)
         lay = p.layout if p.layout is not None else (None, None, None)
         # tensors through save_for_backward (version checks, saved-tensor hooks); the rest of p by reference
-        ctx.save_for_backward(x, expert_a, expert_b, gates, user_a, user_b, user_weight, p.user_ids, p.user_ranks,
-                              p.user_scale, *lay, saved)
-        ctx.meta = (p.expert_scale, p.d_out, backend, p.layout is not None)
+        ctx.save_for_backward(x, expert_a, expert_b, gates, user_a, user_b, p.user_ids, p.user_ranks, p.user_scale,
+                              user_weight, *lay, saved)
+        ctx.expert_scale, ctx.backend = p.expert_scale, backend
         return delta
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, ea, eb, g, ua, ub, uw, ids, ranks, us, order, seg_start, seg_len, saved = ctx.saved_tensors
-        expert_scale, d_out, backend, has_layout = ctx.meta
-        lay = TokenLayout(order, seg_start, seg_len) if has_layout else None
-        p = Problem(x, ea, eb, g, ua, ub, ids, ranks, expert_scale, us, uw, d_out, lay)
-        grads = _grads(grad_out, p, ctx.needs_input_grad[:7], backend, saved)
+        *args, saved = ctx.saved_tensors   # _problem's tensors in its order (layout last), then saved
+        p = _problem(*args[:8], ctx.expert_scale, *args[8:])
+        grads = _grads(grad_out, p, ctx.needs_input_grad[:7], ctx.backend, saved)
         return (*grads, None, None, None)
 
 
