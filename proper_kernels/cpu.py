@@ -6,6 +6,8 @@ one in use. The thread count is torch's (``torch.set_num_threads``); results do 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import _ext
@@ -69,14 +71,45 @@ def forward_into(p: Problem, out: torch.Tensor):
     return bind_forward(p)(p.x, out)
 
 
+# The experts' B packed for the expand (B_k^T per block), shared by the bound calls of one expert_b (a layer's
+# prefill and decode calls): id(expert_b) -> (a weak reference to expert_b, its data_ptr and version when packed,
+# a weak reference to the packed copy). The bound calls hold the copy itself, so it lives as long as they do.
+_expert_bt_cache: dict = {}
+
+
+def _expert_bt(b: torch.Tensor) -> torch.Tensor:
+    """expert_b [K, d_out, R] as the extension's expand reads it (B_k^T per block of output columns, flat): the
+    experts' expand streams it as it is instead of packing a block in every call (a decode step gives each expert a
+    few tokens)."""
+    key = id(b)
+    hit = _expert_bt_cache.get(key)
+    if hit is not None:
+        ref, ptr, ver, bt_ref = hit
+        bt = bt_ref()
+        if ref() is b and ptr == b.data_ptr() and ver == b._version and bt is not None:
+            return bt
+    bt = _ext.load().cpu_pack_expert_bt(b)
+    _expert_bt_cache[key] = (weakref.ref(b, lambda _r, k=key: _expert_bt_cache.pop(k, None)), b.data_ptr(),
+                             b._version, weakref.ref(bt))
+    return bt
+
+
 def bind_forward(p: Problem):
-    """forward_into with every argument but x converted once (decode calls the same problem on every step)."""
+    """forward_into with every argument but x converted once (decode calls the same problem on every step). With
+    experts, their B is also bound transposed (B_k^T rows read directly by the expand, no packing per call); an
+    in-place update of expert_b (its version changes) transposes it again on the next call."""
     rest, f = _args(p)[1:], _ext.load().cpu_forward
+    eb = rest[1]
+    state = [_expert_bt(eb), eb._version] if eb is not None and eb.shape[0] > 0 else None
 
     def run(x: torch.Tensor, out: torch.Tensor):
         if out.dtype != torch.float32 or not out.is_contiguous():
             return None
-        return f(x.contiguous(), *rest, out)
+        if state is None:
+            return f(x.contiguous(), *rest, out)
+        if state[1] != eb._version:
+            state[0], state[1] = _expert_bt(eb), eb._version
+        return f(x.contiguous(), *rest, out, state[0])
 
     return run
 

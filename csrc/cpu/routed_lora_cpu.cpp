@@ -97,6 +97,13 @@ constexpr int32_t kPackMin = 8;        // groups with at least this many tokens 
 // (it is cache-resident across steps), then every load of B^T is shared by the expert's tokens.
 constexpr int32_t kPackMinExpert = 2;   // measured: 2 beats 4 and 8 in both dtypes at decode shapes
 
+// The layout of cpu_pack_expert_bt: blocks of kExpandCols output columns [o0, o1) one after the other; within a
+// block, expert k's B_k^T rows (R rows of o1 - o0 values) one after the other, experts by k. Offset of expert k's
+// block [o0, o1), in elements.
+int64_t expert_bt_offset(int K, int R, int64_t o0, int64_t o1, int k) {
+  return o0 * K * R + (int64_t)k * R * (o1 - o0);
+}
+
 // Row stride of a packed fp32 copy: a whole number of 16-float vectors plus one, so that consecutive rows of a
 // power-of-two width do not all fall into the same cache sets.
 int64_t padded_ld(int64_t n) { return (n + 15) / 16 * 16 + 16; }
@@ -361,7 +368,8 @@ at::Tensor forward_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>&
                         const c10::optional<at::Tensor>& ub, const c10::optional<at::Tensor>& ids,
                         const c10::optional<at::Tensor>& ranks, double expert_scale,
                         const c10::optional<at::Tensor>& us, const c10::optional<at::Tensor>& w, int64_t d_out,
-                        const c10::optional<at::Tensor>& out, at::Tensor* saved) {
+                        const c10::optional<at::Tensor>& out, at::Tensor* saved,
+                        const c10::optional<at::Tensor>& ebt_in = c10::nullopt) {
   const int nt = std::max(1, at::get_num_threads());
   const KernelTable* K = kt();
   // x [..., d_in] and out [..., d_out] may carry leading dims (a layer's [B, S, d]): viewed as [T, d] here, in
@@ -377,6 +385,18 @@ at::Tensor forward_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>&
     TORCH_CHECK(out->scalar_type() == at::kFloat && out->is_contiguous() && out->dim() >= 1 &&
                     out->numel() == p.T * p.O && out->size(-1) == p.O && out->device().is_cpu(),
                 "proper_kernels cpu: 'out' must be a contiguous fp32 CPU tensor [T, d_out]");
+  }
+  // expert_bt (cpu_pack_expert_bt(expert_b)): B_k^T of every expert, packed per expand block. The experts' expand
+  // reads it as it is instead of packing a block of B_k^T in every expand item: a decode step gives each expert a
+  // few tokens and would re-pack every expert's B in every layer (78 MB of expert B per SmolLM2 step); packed once
+  // per batch, an expand item streams one contiguous block of all the experts. The packed values are the same and
+  // go through the same accum, so results are bitwise the same with or without it.
+  const char* ebt = nullptr;
+  if (ebt_in.has_value() && p.K > 0) {
+    check_input(*ebt_in, "expert_bt", x.scalar_type());
+    TORCH_CHECK(ebt_in->dim() == 1 && ebt_in->numel() == (int64_t)p.K * p.R * p.O,
+                "proper_kernels cpu: 'expert_bt' must be cpu_pack_expert_bt(expert_b) of this expert_b");
+    ebt = bytes_of(*ebt_in);
   }
   at::Tensor y = at::empty({p.T, p.O}, x.options().dtype(at::kFloat));
   if (saved) *saved = at::empty({p.nslots}, x.options().dtype(at::kFloat));
@@ -432,10 +452,19 @@ at::Tensor forward_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>&
     ybp = reinterpret_cast<uint16_t*>(yb.data_ptr());
   }
 
-  // 1) shrink per chunk (experts, users with many tokens), and the late users (shrink + expand)
-  const int64_t n1 = p.nchunks + (int64_t)late.size();
+  // 1) shrink per chunk (experts, users with many tokens), and the late users (shrink + expand). With fewer chunks
+  // than two per thread (a decode step: one chunk of all tokens), each of the chunks' shrink tasks is its own item,
+  // so the experts' shrinks spread over the threads instead of running on whichever thread takes the chunk last;
+  // they come first, the late users (equal-sized items) after, which the dynamic schedule balances at the end.
+  std::vector<int32_t> shrink_items;  // per-task items: task indices; else empty and the items are the chunks
+  if (p.nchunks < 2 * (int64_t)nt)
+    for (int32_t q = 0; q < (int32_t)p.tasks.size(); ++q)
+      if (p.tasks[q].group < p.K || use_bt[p.tasks[q].group]) shrink_items.push_back(q);
+  const int64_t n_shr = shrink_items.empty() ? p.nchunks : (int64_t)shrink_items.size();
+  const int64_t n1 = n_shr + (int64_t)late.size();
   parallel_items(n1, nt, [&](int64_t i, int) {
-    if (i < (int64_t)late.size()) {
+    if (i >= n_shr) {
+      i -= n_shr;
       const Task& tk = p.tasks[late[i]];
       const GroupDesc& g = p.groups[tk.group];
       const int32_t* idx = p.task_idx.data() + tk.start;
@@ -445,7 +474,11 @@ at::Tensor forward_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>&
       rowdot(p.dt, g.b, g.ldb, g.rank, 0, p.O, p.ent.data(), idx, tk.len, H.data(), yp, p.O);
       return;
     }
-    i -= (int64_t)late.size();
+    if (!shrink_items.empty()) {
+      const Task& tk = p.tasks[shrink_items[i]];
+      shrink(p.groups[tk.group], p.task_idx.data() + tk.start, tk.len);
+      return;
+    }
     for (int32_t q = p.chunk_task_ptr[i]; q < p.chunk_task_ptr[i + 1]; ++q) {
       const Task& tk = p.tasks[q];
       if (tk.group >= p.K && !use_bt[tk.group]) continue;  // a late user
@@ -455,6 +488,7 @@ at::Tensor forward_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>&
   });
 
   // 2) expand per (chunk, block of output columns): experts and packed users, added in entry order
+  float* op = acc ? out->data_ptr<float>() : nullptr;
   const int64_t nob = (p.O + kExpandCols - 1) / kExpandCols;
   parallel_items(p.nchunks * nob, nt, [&](int64_t i, int tid) {
     std::vector<float>& bt = scratch[tid];
@@ -472,6 +506,9 @@ at::Tensor forward_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>&
         uint32_t* bp = reinterpret_cast<uint32_t*>(bt.data());
         K->pack_bt_pairs((const char*)g.b + o0 * g.ldb * p.esz, g.ldb, g.rank, o1 - o0, bp, ldt);
         K->accum_pairs(bp, ldt, g.rank, o0, o1, p.ent.data(), idx, tk.len, H.data(), yp, p.O);
+      } else if (use_bt[tk.group] && ebt && tk.group < p.K) {  // B_k^T packed once per batch
+        K->accum(p.dt, ebt + expert_bt_offset(p.K, p.R, o0, o1, tk.group) * p.esz, o1 - o0, g.rank, o0, o1,
+                 p.ent.data(), idx, tk.len, H.data(), yp, p.O);
       } else if (use_bt[tk.group]) {
         K->pack_bt(p.dt, (const char*)g.b + o0 * g.ldb * p.esz, g.ldb, g.rank, o1 - o0, bt.data(), ldt);
         K->accum(kF32, bt.data(), ldt, g.rank, o0, o1, p.ent.data(), idx, tk.len, H.data(), yp, p.O);
@@ -484,8 +521,15 @@ at::Tensor forward_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>&
         const int64_t off = (int64_t)p.order[q] * p.O + o0;
         K->to_bf16(yp + off, o1 - o0, ybp + off);
       }
+    if (op)  // ... or add them into out while they are in cache: the fp32 add of the finished delta, as add_ does
+      for (int64_t q = s; q < e; ++q) {
+        const int64_t off = (int64_t)p.order[q] * p.O;
+        float* dst = op + off;
+        const float* src = yp + off;
+        for (int64_t o = o0; o < o1; ++o) dst[o] += src[o];
+      }
   });
-  if (acc) return out->add_(y.view(out->sizes()));
+  if (acc) return *out;
   return ybp ? yb : maybe_to(y, x.scalar_type());
 }
 
@@ -494,8 +538,30 @@ at::Tensor cpu_forward(const at::Tensor& x, const c10::optional<at::Tensor>& ea,
                        const c10::optional<at::Tensor>& ub, const c10::optional<at::Tensor>& ids,
                        const c10::optional<at::Tensor>& ranks, double expert_scale,
                        const c10::optional<at::Tensor>& us, const c10::optional<at::Tensor>& w, int64_t d_out,
-                       const c10::optional<at::Tensor>& out) {
-  return forward_impl(x, ea, eb, gates, ua, ub, ids, ranks, expert_scale, us, w, d_out, out, nullptr);
+                       const c10::optional<at::Tensor>& out, const c10::optional<at::Tensor>& ebt) {
+  return forward_impl(x, ea, eb, gates, ua, ub, ids, ranks, expert_scale, us, w, d_out, out, nullptr, ebt);
+}
+
+// expert_b [K, O, R] packed for the forward's expand (see expert_bt_offset), same dtype, flat.
+at::Tensor cpu_pack_expert_bt(const at::Tensor& eb) {
+  TORCH_CHECK(eb.dim() == 3 && eb.device().is_cpu(), "proper_kernels cpu: 'expert_b' must be a CPU tensor [K, d_out, R]");
+  dtype_code(eb);
+  const at::Tensor b = eb.contiguous();
+  const int K = (int)b.size(0), R = (int)b.size(2);
+  const int64_t O = b.size(1), esz = b.element_size();
+  at::Tensor out = at::empty({(int64_t)K * R * O}, b.options());
+  const char* src = bytes_of(b);
+  char* dst = static_cast<char*>(out.data_ptr());
+  for (int64_t o0 = 0; o0 < O; o0 += kExpandCols) {
+    const int64_t o1 = std::min(O, o0 + kExpandCols);
+    for (int k = 0; k < K; ++k) {
+      char* d = dst + expert_bt_offset(K, R, o0, o1, k) * esz;
+      for (int j = 0; j < R; ++j)
+        for (int64_t o = o0; o < o1; ++o)
+          std::memcpy(d + (j * (o1 - o0) + (o - o0)) * esz, src + ((k * O + o) * R + j) * esz, esz);
+    }
+  }
+  return out;
 }
 
 // (delta, saved): the forward of a training step, keeping A x for cpu_backward's `saved`.
@@ -738,7 +804,11 @@ void register_cpu(pybind11::module& m) {
         pybind11::arg("x"), pybind11::arg("expert_a"), pybind11::arg("expert_b"), pybind11::arg("gates"),
         pybind11::arg("user_a"), pybind11::arg("user_b"), pybind11::arg("user_ids"), pybind11::arg("user_ranks"),
         pybind11::arg("expert_scale"), pybind11::arg("user_scale"), pybind11::arg("user_weight"),
-        pybind11::arg("d_out"), pybind11::arg("out") = pybind11::none());
+        pybind11::arg("d_out"), pybind11::arg("out") = pybind11::none(),
+        pybind11::arg("expert_bt") = pybind11::none());
+  m.def("cpu_pack_expert_bt", &cpu_pack_expert_bt,
+        "expert_b [K, d_out, R] packed for cpu_forward's expert_bt (B_k^T per expand block; flat, same dtype)",
+        pybind11::arg("expert_b"));
   m.def("cpu_forward_saving", &cpu_forward_saving,
         "routed_lora forward on CPU that also returns A x ([nslots] fp32) for cpu_backward's `saved`",
         pybind11::arg("x"), pybind11::arg("expert_a"), pybind11::arg("expert_b"), pybind11::arg("gates"),

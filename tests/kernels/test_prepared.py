@@ -85,6 +85,50 @@ def test_bound_tensors_are_held_by_reference():
     assert torch.equal(after, _call(pk.routed_lora, case))
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("popularity", ["distinct", "zipf", "identical"])
+def test_decode_with_the_experts_b_packed_once_is_bitwise_the_packing_kernel(dtype, popularity):
+    """The bound cpu call packs the experts' B once (cpu_pack_expert_bt) and the kernel reads it instead of packing
+    a block per call: decode shapes (one token per user, a few per expert), several expand blocks with a partial
+    last one, fp32 out (bf16 adapters on an fp32 model too). Bitwise the unbound kernel's out + delta; and an
+    in-place update of expert_b is seen (the packed copy is rebuilt)."""
+    case = make_case(T=16, d_in=72, d_out=200, K=8, r_e=16, U=16, dtype=dtype, popularity=popularity, top_k=2)
+    y0 = torch.randn(16, 200)
+    with torch.no_grad():
+        ref = _call(lambda *a, **k: pk.routed_lora(*a, backend="cpu", **k), case).float() if dtype == torch.float32 \
+            else None
+        call = _prepare(case, "cpu")
+        got = call(case["x"], out=y0.clone())
+        unbound = _ext_forward(case, y0.clone())         # the kernel packing B itself
+        assert torch.equal(got, unbound)
+        if ref is not None:
+            assert torch.equal(got, y0 + ref)
+        case["expert_b"].mul_(-0.5)
+        got2 = call(case["x"], out=y0.clone())
+        assert not torch.equal(got2, got)
+        assert torch.equal(got2, _ext_forward(case, y0.clone()))
+
+
+def _ext_forward(case, out):
+    from proper_kernels import _ext, cpu
+    from proper_kernels.checks import validate
+    p = validate(*[case.get(k) for k in ARGS], **{k: case[k] for k in ("user_ranks", "expert_scale", "user_scale",
+                                                                         "user_weight") if k in case})
+    return _ext.load().cpu_forward(*cpu._args(p), out)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu extension is not built")
+def test_a_packed_expert_b_of_the_wrong_size_is_refused_by_name():
+    from proper_kernels import _ext, cpu
+    from proper_kernels.checks import validate
+    case = make_case(T=5, d_in=8, d_out=6, K=2, r_e=4)
+    p = validate(*[case.get(k) for k in ARGS], user_ranks=case.get("user_ranks"))
+    wrong = _ext.load().cpu_pack_expert_bt(case["expert_b"][:, :5])
+    with pytest.raises(RuntimeError, match="'expert_bt' must be cpu_pack_expert_bt"):
+        _ext.load().cpu_forward(*cpu._args(p), torch.zeros(5, 6), wrong)
+
+
 def test_bad_x_and_out_are_named():
     case = make_case(T=7, d_in=8, d_out=6)
     call = _prepare(case, BACKENDS[0])
