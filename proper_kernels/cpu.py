@@ -94,13 +94,14 @@ def _expert_bt(b: torch.Tensor) -> torch.Tensor:
     return bt
 
 
-def bind_forward(p: Problem):
+def bind_forward(p: Problem, pack_experts: bool = True):
     """forward_into with every argument but x converted once (decode calls the same problem on every step). With
     experts, their B is also bound transposed (B_k^T rows read directly by the expand, no packing per call); an
-    in-place update of expert_b (its version changes) transposes it again on the next call."""
+    in-place update of expert_b (its version changes) packs it again on the next call. pack_experts=False leaves
+    the packing to every call (the same bits; an ablation for benchmarks)."""
     rest, f = _args(p)[1:], _ext.load().cpu_forward
     eb = rest[1]
-    state = [_expert_bt(eb), eb._version] if eb is not None and eb.shape[0] > 0 else None
+    state = [_expert_bt(eb), eb._version] if pack_experts and eb is not None and eb.shape[0] > 0 else None
 
     def run(x: torch.Tensor, out: torch.Tensor):
         if out.dtype != torch.float32 or not out.is_contiguous():

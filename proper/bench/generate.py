@@ -10,6 +10,8 @@ every provider does the same work):
                   projections, one user per prompt; once per routed_lora backend B available on this CPU
     proper[B,bf16]  the same adapters held in bf16 (ProperConfig(adapter_dtype="bfloat16")), first backend only
     peft          peft's mixed-adapter batch (adapter_names=...) with one rank-16 adapter per user
+    proper[cpu,pack-per-call]  (--ablations) proper[cpu] with the experts' B packed by every kernel call instead
+                  of once per batch by the bound call (the same bits)
 Every provider runs --reps times, interleaved (base, proper..., peft, base, ...) so load changes on a shared
 machine hit them alike; medians are compared as ratios vs base measured in this one run. Goals (issue 5):
 proper <= 1.35x base and >= 2.7x faster than peft. If the goal is missed, a torch.profiler table of one proper
@@ -88,6 +90,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16-adapter provider")
     ap.add_argument("--kernel-split", action="store_true",
                     help="also time proper[cpu] with its kernel call replaced by a no-op: kernel vs the rest")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also time proper[cpu] with the experts' B packed in every kernel call (the kernel before "
+                         "the bound call packed it once per batch)")
     ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                     help="profile one proper generate when the goal is missed (auto) or always")
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 prompts, 4 tokens, 1 rep")
@@ -120,6 +125,18 @@ def main(argv=None) -> int:
                 return m.generate(**enc, **gen_kw)
 
         runs[f"proper[{name}]"] = run_proper
+    if args.ablations and "cpu" in models:   # the experts' B packed by every kernel call, not once per batch
+        from proper_kernels import cpu as cpu_backend
+
+        def run_pack_per_call(m=models["cpu"], bind=cpu_backend.bind_forward):
+            cpu_backend.bind_forward = lambda p: bind(p, pack_experts=False)
+            try:
+                with proper.users(m, user_ids):     # a new block: its prepared calls bind without the packed B
+                    return m.generate(**enc, **gen_kw)
+            finally:
+                cpu_backend.bind_forward = bind
+
+        runs["proper[cpu,pack-per-call]"] = run_pack_per_call
     if not args.no_peft:
         pm = build_peft_mixed(base, args.prompts, copy_base=True)
         names = [f"u{u}" for u in range(args.prompts)]

@@ -94,3 +94,20 @@ def test_cold_cases_rows_and_table(monkeypatch, tmp_path):
     assert "Beyond the caches" in md and "| decode-cold (T8, U8) | bf16 | torch |" in md
     with pytest.raises(SystemExit):
         op_cold.main(["--dtypes", "fp16", "--out", str(tmp_path)])
+
+
+def test_decode_step_bench_writes_its_rows(tmp_path):
+    import pytest
+    import proper_kernels as pk
+    if "cpu" not in pk.available_backends("cpu"):
+        pytest.skip("the cpu extension is not built")
+    from proper.bench import decode_step
+
+    assert decode_step.main(["--quick", "--dtypes", "fp32,bf16", "--out", str(tmp_path), "--threads", "1"]) == 0
+    rows = json.loads((tmp_path / "decode_step.json").read_text())["rows"]
+    assert {(r["dtype"], r["provider"]) for r in rows} == {
+        (d, p) for d in ("fp32", "bf16") for p in ("bound", "pack-per-call", "stream")}
+    assert all(r["ms"] > 0 and r["adapter_mb"] > 0 for r in rows)
+    assert "| fp32 | bound |" in (tmp_path / "decode_step.md").read_text()
+    with pytest.raises(SystemExit):
+        decode_step.main(["--dtypes", "fp16"])
