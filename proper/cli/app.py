@@ -99,7 +99,7 @@ def _cmd_eval(args) -> int:
         if args.report:
             print(f"report: {write_report(args.run_dir[0], args.report, metrics=metrics[0])}")
         return 0
-    text = multi_seed_report(args.run_dir)
+    text = multi_seed_report(args.run_dir, decision=args.decision)
     if not args.report:
         print("\n" + text)
         return 0
@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--report", metavar="FILE.md", help="one run: write markdown tables, paired intervals and a PNG of "
                    "error by profile size; several runs: write the multi-seed report (MAE/RMSE per seed, paired "
                    "intervals of proper against each baseline per seed and profile bucket)")
+    e.add_argument("--decision", choices=("argmax", "median"), default="argmax",
+                   help="the LLM systems' rating in the multi-seed report: the argmax of the five-rating distribution "
+                        "(the LaMP protocol, default) or its median (the Bayes decision for absolute error; runs "
+                        "that recorded it)")
     e.set_defaults(func=_cmd_eval)
     x = add_export_arguments(sub.add_parser("export", help="users as standard peft LoRA folders (exact), for vLLM, "
                                                            "LoRAX, S-LoRA or peft"))

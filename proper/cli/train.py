@@ -32,7 +32,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.json")
     for name, typ in (("batch_size", int), ("steps_population", int), ("steps_group", int), ("steps_user", int),
                       ("eval_every", int), ("patience", int), ("num_experts", int), ("top_k", int),
-                      ("expert_rank", int), ("user_rank", int), ("lr", float), ("user_lr", float), ("router_lr", float),
+                      ("expert_rank", int), ("user_rank", int), ("lr", float), ("user_lr", float),
+                      ("group_lr", float), ("router_lr", float),
                       ("max_len", int), ("dev_max", int), ("test_max", int), ("num_layers", int),
                       ("max_history", int)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
@@ -64,6 +65,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="also score PROPER with the LoRA-aware router off and as a cold start (default: budget's)")
     p.add_argument("--target-modules", default="gate_proj,up_proj,down_proj", help="comma-separated")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--ema-decay", type=float, default=0.0,
+                   help="Polyak averaging of the population and group stages' weights: dev evaluations, early "
+                        "stopping and the stage's result use the average (e.g. 0.99; default 0: off)")
+    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="scoring passes (dev, test, per-user selection) run only the adapted top layers, the frozen "
+                        "bottom layers' hidden states cached per example (default: on)")
     p.add_argument("--stop-after", default=None, help=argparse.SUPPRESS)
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="bad data lines or users: raise (the default: name the file and line) or skip and count "

@@ -67,7 +67,8 @@ most one interval and reproduces the same losses, and metrics written as JSON:
     OUT/checkpoints/            the latest resumable checkpoint (latest.json points at it)
     OUT/ablations/<name>/       the trained ablations' own checkpoints and progress
 
-Systems (rating data): user_mean (the user's mean training rating), item_mean (the item's mean training
+Systems (rating data): user_mean (the user's mean training rating), user_median (its median: the constant that
+minimises a user's absolute error), item_mean (the item's mean training
 rating over the selected users, the global mean for unseen items), mf_svd (biased matrix factorisation,
 scikit-surprise's SVD with its default hyper-parameters, fitted on the same training ratings), base (the
 untouched model), population, group, proper, and the trained ablations of the user stage, each a second copy of
@@ -79,13 +80,29 @@ proper_no_lora_router (the experts and user-aware router, user LoRAs added with 
 in the tiny budget, or with ``--ablations``). With ``--diagnostics`` (on in the tiny budget): proper_cold_start
 (every test user treated as unknown) and proper_router_off_at_inference (the trained PROPER model with its
 LoRA-aware router switched off at inference only). LLM systems predict the argmax over the five rating
-tokens ("mae", "rmse") and the expectation under their renormalised probabilities ("mae_expected",
-"rmse_expected"). Metrics
-come from scikit-learn (MAE/RMSE) and rouge-score (ROUGE-1/L, generation data).
+tokens ("mae", "rmse": the LaMP protocol), the expectation under their renormalised probabilities
+("mae_expected", "rmse_expected") and their median ("mae_median", "rmse_median": the Bayes decision for absolute
+error, which MAE scores; ``proper eval --decision median`` builds the multi-seed report on it, against the same
+classic rows, user_median among them). Dev evaluations record "dev_mae" and "dev_mae_median" beside the loss.
+Metrics come from scikit-learn (MAE/RMSE) and rouge-score (ROUGE-1/L, generation data).
 
-Modules: config (TrainConfig, presets), model_setup (the base model), batches, losses, evaluation,
-checkpoints (the one write and resume path), trainer, ablations, run (run_train), report (tables, plots,
-bootstrap intervals), distributed (torchrun data parallelism).
+Learning rates: ``lr`` for the population LoRA (and the experts, unless ``group_lr`` sets theirs), ``router_lr``
+for the routers, ``user_lr`` for the user LoRAs.
+
+Weight averaging (``ema_decay``, off by default): in the population and group stages, an exponential moving
+average of the shared weights (decay min(ema_decay, (1 + t) / (10 + t)) at step t) is what the dev evaluations
+score, what early stopping keeps and what the stage hands on; the raw weights keep training. Why: with small
+batches the raw weights' dev loss swings between evaluations, so the best-of-evaluations snapshot is a lucky draw
+that the next stage regresses from. Not in the user stage (a user's rows move only on the steps that hold it).
+
+Scoring passes (dev, test, per-user selection) run through a frozen-prefix cache (``prefix_cache``, on by
+default; prefix.py): the decoder layers below the lowest adapted one are frozen and adapter-free, so each
+sequence's hidden state there is computed once and the later passes run only the adapted top layers (10 of 30
+by default: a test pass costs about a third). Training steps always run every layer.
+
+Modules: config (TrainConfig, presets), model_setup (the base model), batches, losses, evaluation, prefix (the
+scoring passes' frozen-prefix cache), checkpoints (the one write and resume path), trainer, ablations, run
+(run_train), report (tables, plots, bootstrap intervals), distributed (torchrun data parallelism).
 """
 from .batches import Encoded, collate, encode
 from .config import ABLATIONS, BUDGETS, STAGES, TrainConfig, TrainingInterrupted

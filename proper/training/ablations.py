@@ -84,7 +84,7 @@ def run_ablation(name: str, main: "Trainer", loader: Callable[[], Tuple[Any, Any
             get_state(model).slots.store.clear()
         copy_frozen_parts(main.model, model)
         broadcast_adapters(model)
-    tr = Trainer(cfg, main.ds, model, tok, progress=main.progress)
+    tr = Trainer(cfg, main.ds, model, tok, progress=main.progress, share_prefix=main.prefix)
     if resume_state is not None and tr.progress_path.is_file():
         tr.state = json.loads(tr.progress_path.read_text())
     if resume_state is None or not resume_state["finished"]:

@@ -10,6 +10,8 @@ from ..config import ROUTER_SCOPES
 from ..state import STAGES
 
 ABLATIONS = ("population+user", "proper_no_lora_router")
+#: The stages whose shared weights TrainConfig.ema_decay averages.
+EMA_STAGES = ("population", "group")
 #: With resident_users="auto", runs with more users than this page them (the user store, proper/store/).
 PAGE_ABOVE = 128
 
@@ -61,7 +63,13 @@ class TrainConfig:
     lora_layers: Any = None            # adapt only the top N decoder layers; 0 or "all": every layer
     lr: Optional[float] = None         # LoRA learning rate (AdamW, constant, no weight decay)
     user_lr: Optional[float] = None    # the user LoRAs' learning rate in the user stage (None: lr)
+    group_lr: Optional[float] = None   # the experts' learning rate in the group stage (None: lr)
     router_lr: Optional[float] = None  # routers' learning rate
+    # Polyak averaging of the shared weights in the population and group stages (EMA_STAGES): dev evaluations,
+    # early stopping and the stage's result use the average (0: off). A best-of-evaluations snapshot of noisy raw
+    # weights overfits the dev set; the average is smoother. Not in the user stage: a user's rows move only on
+    # the steps that hold the user, so one decay per step would mean a different average per user.
+    ema_decay: float = 0.0
     lb_coef: float = 0.01              # load-balancing term of the group loss
     distinct_coef: float = 0.01        # experts-distinct term of the group loss
     max_len: Optional[int] = None      # prompt + target tokens; longer prompts lose their start
@@ -76,6 +84,9 @@ class TrainConfig:
     # updates move every parameter by about lr whatever its gradient's size (m / sqrt(v) = +-1 at step 1)
     warmup_steps: int = 0
     backend: str = "auto"
+    # scoring passes (dev, test, per-user selection) run only the adapted top layers, the unadapted bottom's
+    # hidden states cached per sequence (training/prefix.py); False: every pass runs every layer
+    prefix_cache: bool = True
     resume: bool = False
     num_layers: Optional[int] = None   # keep only the first N decoder layers (tests and smoke runs)
     stop_after: Optional[str] = None   # "STAGE:STEP": stop there as if interrupted (tests of --resume)
@@ -124,6 +135,8 @@ class TrainConfig:
         cfg.ablations = tuple(cfg.ablations)
         if cfg.router_scope not in ROUTER_SCOPES:
             raise ValueError(f"--router-scope must be one of {ROUTER_SCOPES}, got {cfg.router_scope!r}")
+        if not 0.0 <= float(cfg.ema_decay) < 1.0:
+            raise ValueError(f"--ema-decay must be in [0, 1) (0: off), got {cfg.ema_decay!r}")
         if cfg.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"--lr-schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
         if cfg.user_select not in ("dev", "none"):

@@ -19,11 +19,12 @@ from .losses import hidden_states, lm_loss
 # ------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def score_next_token(model, items: Sequence[Encoded], pad_id: int, batch_size: int,
-                     candidate_ids: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
+                     candidate_ids: Optional[Sequence[int]] = None, prefix=None) -> Dict[str, np.ndarray]:
     """For each example, the distribution of the first target token after its prompt.
 
     Returns ``nll`` (full-vocabulary -log p of the true first target token) and, with ``candidate_ids``,
-    ``probs`` [N, C] renormalised over the candidates (the rating tokens)."""
+    ``probs`` [N, C] renormalised over the candidates (the rating tokens). ``prefix``: a prefix.FrozenPrefix
+    (the unadapted bottom layers' states cached across passes)."""
     was = model.training
     model.eval()
     nll, probs = [], []
@@ -33,7 +34,7 @@ def score_next_token(model, items: Sequence[Encoded], pad_id: int, batch_size: i
             chunk = items[s: s + batch_size]
             ids, mask, _, rows = collate(chunk, pad_id, prompt_only=True)
             with users(model, rows):
-                h = hidden_states(model, ids, mask)
+                h = hidden_states(model, ids, mask, prefix)
             last = h[torch.arange(len(chunk)), mask.sum(1) - 1]
             logits = model.get_output_embeddings()(last).float()
             tgt = torch.tensor([it.ids[it.n_prompt] for it in chunk])
@@ -50,8 +51,8 @@ def score_next_token(model, items: Sequence[Encoded], pad_id: int, batch_size: i
 
 
 @torch.no_grad()
-def mean_lm_loss(model, items: Sequence[Encoded], pad_id: int, batch_size: int) -> float:
-    """L_lm averaged over all target tokens of ``items`` (no gradients)."""
+def mean_lm_loss(model, items: Sequence[Encoded], pad_id: int, batch_size: int, prefix=None) -> float:
+    """L_lm averaged over all target tokens of ``items`` (no gradients; ``prefix``: see score_next_token)."""
     was = model.training
     model.eval()
     tot, n = 0.0, 0
@@ -60,7 +61,7 @@ def mean_lm_loss(model, items: Sequence[Encoded], pad_id: int, batch_size: int) 
         for s in range(0, len(items), batch_size):
             b = collate(items[s: s + batch_size], pad_id)
             k = int((b[2][:, 1:] != -100).sum())
-            tot += float(lm_loss(model, b)) * k
+            tot += float(lm_loss(model, b, prefix)) * k
             n += k
     finally:
         model.train(was)
@@ -68,20 +69,32 @@ def mean_lm_loss(model, items: Sequence[Encoded], pad_id: int, batch_size: int) 
     return tot / max(n, 1)
 
 
+def median_rating(probs: np.ndarray) -> np.ndarray:
+    """[N] the median of each row's distribution over the ratings 1..C (``probs`` [N, C]): the smallest rating
+    whose cumulative probability reaches 1/2. Under absolute error it is the Bayes decision (the argmax is the
+    decision for 0-1 loss, the LaMP protocol's; the expectation the one for squared error)."""
+    probs = np.asarray(probs, np.float64)
+    cdf = np.cumsum(probs, axis=-1)
+    return (cdf < 0.5 * cdf[:, -1:]).sum(-1) + 1
+
+
 def rating_metrics(y_true: Sequence[float], y_pred: Sequence[float], sizes: Sequence[int],
-                   y_expected: Optional[Sequence[float]] = None) -> Dict[str, Any]:
-    """MAE/RMSE (scikit-learn), overall and per profile-size bucket (data.profile_bucket)."""
+                   y_expected: Optional[Sequence[float]] = None,
+                   y_median: Optional[Sequence[float]] = None) -> Dict[str, Any]:
+    """MAE/RMSE (scikit-learn), overall and per profile-size bucket (data.profile_bucket); with ``y_expected`` /
+    ``y_median`` (the expectation / median of an LLM's rating distribution) also ``mae_expected`` ...
+    ``rmse_median``."""
     from sklearn.metrics import mean_absolute_error, root_mean_squared_error
 
     y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
+    extra = {k: np.asarray(v, float) for k, v in (("expected", y_expected), ("median", y_median)) if v is not None}
 
     def block(idx):
         d = {"mae": float(mean_absolute_error(y_true[idx], y_pred[idx])),
              "rmse": float(root_mean_squared_error(y_true[idx], y_pred[idx])), "n": int(len(idx))}
-        if y_expected is not None:
-            ye = np.asarray(y_expected, float)
-            d["mae_expected"] = float(mean_absolute_error(y_true[idx], ye[idx]))
-            d["rmse_expected"] = float(root_mean_squared_error(y_true[idx], ye[idx]))
+        for k, v in extra.items():
+            d[f"mae_{k}"] = float(mean_absolute_error(y_true[idx], v[idx]))
+            d[f"rmse_{k}"] = float(root_mean_squared_error(y_true[idx], v[idx]))
         return d
 
     return _with_buckets(block, len(y_true), sizes)
@@ -118,9 +131,9 @@ def rouge_metrics(refs: Sequence[str], preds: Sequence[str], sizes: Sequence[int
 
 def classic_baselines(dataset: D.Dataset, test: Sequence[D.Example],
                       predictions: Optional[Dict[str, Any]] = None, *, seed: int = 0) -> Dict[str, Dict[str, Any]]:
-    """user_mean, item_mean and mf_svd (biased matrix factorisation, :func:`mf_svd_predictions`) on the test
-    examples (rating data only); item_mean and mf_svd need ``meta["item"]`` on the examples. ``seed`` seeds the
-    factorisation. Their per-example predictions go into ``predictions[name]["pred"]`` when a dict is given."""
+    """user_mean, user_median, item_mean and mf_svd (biased matrix factorisation, :func:`mf_svd_predictions`) on
+    the test examples (rating data only); item_mean and mf_svd need ``meta["item"]`` on the examples. ``seed`` seeds
+    the factorisation. Their per-example predictions go into ``predictions[name]["pred"]`` when a dict is given."""
     train = dataset.examples("train")
     glob = float(np.mean([float(ex.target) for ex in train]))
     by_user: Dict[str, List[float]] = {}
@@ -131,7 +144,9 @@ def classic_baselines(dataset: D.Dataset, test: Sequence[D.Example],
             by_item.setdefault(ex.meta["item"], []).append(float(ex.target))
     y = [float(ex.target) for ex in test]
     sizes = [dataset.users[ex.user].profile_size for ex in test]
-    preds = {"user_mean": [float(np.mean(by_user.get(ex.user, [glob]))) for ex in test]}
+    # user_median: the MAE-optimal constant per user (the baseline to hold the median decision rule against)
+    preds = {"user_mean": [float(np.mean(by_user.get(ex.user, [glob]))) for ex in test],
+             "user_median": [float(np.median(by_user.get(ex.user, [glob]))) for ex in test]}
     unseen: Dict[str, Dict[str, int]] = {}
     if by_item:
         preds["item_mean"] = [float(np.mean(by_item[ex.meta.get("item")])) if ex.meta.get("item") in by_item
@@ -217,6 +232,8 @@ def fmt_system(r: Dict[str, Any]) -> str:
         s = f"MAE {r['mae']:.4f}  RMSE {r['rmse']:.4f}"
         if "mae_expected" in r:
             s += f"  (expected: MAE {r['mae_expected']:.4f} RMSE {r['rmse_expected']:.4f})"
+        if "mae_median" in r:
+            s += f"  (median: MAE {r['mae_median']:.4f})"
         return s + f"  n={r['n']}"
     return f"ROUGE-1 {r['rouge1']:.4f}  ROUGE-L {r['rougeL']:.4f}  n={r['n']}"
 

@@ -10,18 +10,22 @@ import torch.nn.functional as F
 from ..context import users
 from ..state import get_state, proper_layers
 
-def hidden_states(model, ids, mask):
-    """The decoder's last hidden states (the vocabulary projection is applied only where a loss needs it)."""
+def hidden_states(model, ids, mask, prefix=None):
+    """The decoder's last hidden states (the vocabulary projection is applied only where a loss needs it);
+    through ``prefix`` (a prefix.FrozenPrefix: the unadapted bottom layers' states cached) where it is usable."""
+    if prefix is not None and prefix.usable():
+        return prefix.hidden_states(ids, mask)
     dec = model.get_decoder()
     return dec(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
-def lm_loss(model, batch) -> torch.Tensor:
+def lm_loss(model, batch, prefix=None) -> torch.Tensor:
     """L_lm: mean cross-entropy of the target tokens; logits are formed only at scored positions (the
-    vocabulary projection of every position would dominate the cost of a step)."""
+    vocabulary projection of every position would dominate the cost of a step). ``prefix``: see
+    :func:`hidden_states` (scoring only: ignored where gradients are on)."""
     ids, mask, labels, rows = batch
     with users(model, rows):
-        h = hidden_states(model, ids, mask)
+        h = hidden_states(model, ids, mask, prefix)
     tgt = labels[:, 1:]
     sel = tgt != -100
     logits = model.get_output_embeddings()(h[:, :-1][sel]).float()

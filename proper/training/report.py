@@ -21,6 +21,7 @@ SCOPE_ORDER = ("all", SPARSE_BUCKET) + tuple(b for b in BUCKET_ORDER if b != SPA
 #: What each system is, in one line (rows of the results table, in this order; unknown names follow).
 SYSTEMS = {
     "user_mean": "the user's mean training rating (classic baseline)",
+    "user_median": "the user's median training rating (the classic baseline that minimises absolute error)",
     "item_mean": "the movie's mean training rating over the selected users",
     "mf_svd": "biased matrix factorisation (scikit-surprise SVD, defaults) on the same training ratings",
     "base": "SmolLM2-135M-Instruct, untouched",
@@ -153,7 +154,20 @@ def verdict(b: Dict[str, float]) -> str:
 
 #: What PROPER is paired against, in table order: the classic rows, then the trained stages and the OPPU-style
 #: population + independent per-user LoRA ablation.
-BASELINES = ("user_mean", "item_mean", "mf_svd", "population", "group", "population+user")
+BASELINES = ("user_mean", "user_median", "item_mean", "mf_svd", "population", "group", "population+user")
+
+#: Decision rules of the LLM systems (the keys of their predictions.json entries): the argmax of the five-rating
+#: distribution (the LaMP protocol, ``pred``), or its median (``median``: the Bayes decision for absolute error).
+DECISIONS = {"argmax": "pred", "median": "median"}
+
+
+def decided(entry: Dict[str, Any], key: str):
+    """A system's predictions under the decision ``key``: a point predictor (the classic baselines: ``pred``
+    only, no distribution) predicts the same under every rule; None where a distribution's system lacks ``key``
+    (a run from before the median was recorded)."""
+    if key in entry:
+        return entry[key]
+    return entry.get("pred") if "expected" not in entry else None
 
 
 def load_predictions(run_dir) -> Optional[Dict[str, Any]]:
@@ -186,10 +200,11 @@ def proper_vs_baselines(preds: Dict[str, Any], system: str = "proper", baselines
 
     ex = preds["examples"]
     y = np.asarray([float(e["target"]) for e in ex])
-    sysp = {k: v for k, v in preds["systems"].items() if v is not None and key in v}
+    sysp = {k: decided(v, key) for k, v in preds["systems"].items() if v is not None}
+    sysp = {k: v for k, v in sysp.items() if v is not None}
     if system not in sysp:
         raise KeyError(f"system {system!r} has no {key!r} predictions (has: {sorted(sysp)})")
-    err = {k: np.abs(np.asarray(v[key], float) - y) for k, v in sysp.items() if k == system or k in baselines}
+    err = {k: np.abs(np.asarray(v, float) - y) for k, v in sysp.items() if k == system or k in baselines}
     users = np.asarray([str(e["user"]) for e in ex])
     rows = []
     for scope, idx in bucket_scopes([e["profile_size"] for e in ex]):

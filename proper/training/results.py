@@ -13,22 +13,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .report import (BASELINES, SCOPE_ORDER, SPARSE_BUCKET, _order, bucket_scopes, fmt_ci, load_metrics,
-                     load_predictions, proper_vs_baselines, verdict)
+from .report import (BASELINES, DECISIONS, SCOPE_ORDER, SPARSE_BUCKET, _order, bucket_scopes, decided, fmt_ci,
+                     load_metrics, load_predictions, proper_vs_baselines, verdict)
 
 
-def load_runs(run_dirs: Sequence, system: str = "proper", n_boot: int = 5000, seed: int = 0) -> List[Dict[str, Any]]:
+def _decision_key(decision: str) -> str:
+    if decision not in DECISIONS:
+        raise ValueError(f"decision must be one of {sorted(DECISIONS)}, got {decision!r}")
+    return DECISIONS[decision]
+
+
+def load_runs(run_dirs: Sequence, system: str = "proper", n_boot: int = 5000, seed: int = 0,
+              decision: str = "argmax") -> List[Dict[str, Any]]:
     """Each run folder's metrics, predictions (None without predictions.json), label (``s<seed>``, the folder
-    name where seeds repeat or are missing) and its paired contrasts (None without predictions)."""
+    name where seeds repeat or are missing) and its paired contrasts (None without predictions, or without
+    ``decision``'s predictions of ``system``)."""
     if isinstance(run_dirs, (str, Path)) or not len(run_dirs):
         raise ValueError(f"run_dirs must be a non-empty list of run folders, got {run_dirs!r}")
+    key = _decision_key(decision)
     runs = []
     for d in run_dirs:
         m = load_metrics(d)
         p = load_predictions(d)
-        has = p is not None and system in p["systems"] and p["systems"][system] is not None
-        runs.append({"dir": Path(d), "metrics": m, "preds": p,
-                     "contrasts": proper_vs_baselines(p, system, n_boot=n_boot, seed=seed) if has else None})
+        has = p is not None and p["systems"].get(system) is not None and decided(p["systems"][system], key) is not None
+        runs.append({"dir": Path(d), "metrics": m, "preds": p, "decision": decision,
+                     "contrasts": proper_vs_baselines(p, system, key=key, n_boot=n_boot, seed=seed) if has else None})
     seeds = [r["metrics"].get("config", {}).get("seed") for r in runs]
     unique = None not in seeds and len(set(seeds)) == len(seeds)
     for r, s in zip(runs, seeds):
@@ -40,18 +49,29 @@ def _mean(xs: List[float]) -> Optional[float]:
     return sum(xs) / len(xs) if xs else None
 
 
+def _decided_metrics(s: Optional[Dict[str, Any]], decision: str) -> Optional[Dict[str, float]]:
+    """{"mae", "rmse"} of a system's metrics under ``decision`` (a point predictor: its own; an LLM system's
+    median: mae_median / rmse_median), None where the run has none."""
+    if s is None or decision == "argmax" or "mae_expected" not in s:
+        return s
+    return {"mae": s["mae_median"], "rmse": s["rmse_median"]} if "mae_median" in s else None
+
+
 def seed_summary_table(runs: List[Dict[str, Any]]) -> str:
     """(a) One row per system: MAE per seed, mean MAE over the seeds that have it (lowest in bold), RMSE per
-    seed."""
+    seed (the LLM systems under the runs' decision rule)."""
     names = _order({n: None for r in runs for n in r["metrics"]["systems"]})
     labels = [r["label"] for r in runs]
-    means = {n: _mean([r["metrics"]["systems"][n]["mae"] for r in runs if n in r["metrics"]["systems"]])
-             for n in names}
+    per_run = {n: [_decided_metrics(r["metrics"]["systems"].get(n), r.get("decision", "argmax")) for r in runs]
+               for n in names}
+    means = {n: _mean([s["mae"] for s in per if s]) for n, per in per_run.items()}
     best = min(v for v in means.values() if v is not None)
     lines = ["| system | " + " | ".join(f"MAE {lab}" for lab in labels) + " | mean MAE | RMSE " + " / ".join(labels)
              + " |", "|---|" + "---:|" * (len(labels) + 2)]
     for n in names:
-        per = [r["metrics"]["systems"].get(n) for r in runs]
+        per = per_run[n]
+        if means[n] is None:
+            continue
         mae = " | ".join(f"{s['mae']:.3f}" if s else "-" for s in per)
         rmse = " / ".join(f"{s['rmse']:.3f}" if s else "-" for s in per)
         mean = f"{means[n]:.3f}" + ("" if all(per) else f" ({sum(map(bool, per))} seeds)")
@@ -141,14 +161,19 @@ def counts_table(runs: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def multi_seed_report(run_dirs: Sequence, system: str = "proper", n_boot: int = 5000, seed: int = 0) -> str:
-    """The markdown of (a) .. (d) for the run folders ``run_dirs`` (one per seed, in the given order)."""
-    runs = load_runs(run_dirs, system, n_boot, seed)
+def multi_seed_report(run_dirs: Sequence, system: str = "proper", n_boot: int = 5000, seed: int = 0,
+                      decision: str = "argmax") -> str:
+    """The markdown of (a) .. (d) for the run folders ``run_dirs`` (one per seed, in the given order), the LLM
+    systems' rating taken by ``decision`` (:data:`report.DECISIONS`)."""
+    runs = load_runs(run_dirs, system, n_boot, seed, decision)
     folders = ", ".join(f"`{r['dir']}` ({r['label']})" for r in runs)
     missing = [r["label"] for r in runs if r["contrasts"] is None]
-    note = (f"\n\nNo paired intervals for {', '.join(missing)}: no per-example predictions.json with `{system}` "
-            f"in that run folder." if missing else "")
-    how = (f"Paired bootstrap on the same test ratings: mean of |error| of {system} minus |error| of the baseline "
+    note = (f"\n\nNo paired intervals for {', '.join(missing)}: no per-example predictions.json with `{system}`'s "
+            f"{decision} ratings in that run folder." if missing else "")
+    rule = ("the argmax of the five-rating distribution (the LaMP protocol)" if decision == "argmax" else
+            "the median of the five-rating distribution (the Bayes decision for absolute error)")
+    how = (f"The LLM systems' rating: {rule}. "
+           f"Paired bootstrap on the same test ratings: mean of |error| of {system} minus |error| of the baseline "
            f"(negative = {system} better) ± its bootstrap SE, 95% percentile interval ({n_boot} resamples of the "
            f"test ratings, seed {seed}); 'better'/'worse' only where the interval excludes 0, else 'tie'.")
     return (f"Runs: {folders}.{note}\n\n"

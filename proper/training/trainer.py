@@ -2,6 +2,7 @@
 checkpoints) and evaluates the systems each stage makes."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -23,10 +24,11 @@ from ..routing import lora_router_disabled, refresh_cold_start, reset_user_adapt
 from ..state import get_state
 from .batches import collate, encode, step_seed
 from .checkpoints import save_checkpoint, write_json
-from .config import TrainConfig, TrainingInterrupted
-from .evaluation import (fmt_system, group_report, mean_lm_loss, rating_metrics, rouge_metrics, score_next_token,
-                         spread, user_gates)
+from .config import EMA_STAGES, TrainConfig, TrainingInterrupted
+from .evaluation import (fmt_system, group_report, mean_lm_loss, median_rating, rating_metrics, rouge_metrics,
+                         score_next_token, spread, user_gates)
 from .losses import distinct_loss, load_balance_loss, lm_loss
+from .prefix import FrozenPrefix
 
 log = logging.getLogger("proper.train")
 
@@ -34,8 +36,12 @@ log = logging.getLogger("proper.train")
 class Trainer:
     """Runs the three stages on one patched model; see the module docstring for what it writes."""
 
-    def __init__(self, cfg: TrainConfig, dataset: D.Dataset, model, tokenizer, *, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, dataset: D.Dataset, model, tokenizer, *, progress: bool = True,
+                 share_prefix: Optional[FrozenPrefix] = None):
         self.cfg, self.ds, self.model, self.tok = cfg, dataset, model, tokenizer
+        # scoring passes run only the adapted top layers, the frozen bottom's states cached (training/prefix.py);
+        # share_prefix: the main run's cache, for an ablation's copy of the same base model
+        self.prefix = FrozenPrefix.for_model(model, share=share_prefix) if cfg.prefix_cache else None
         self.out = Path(cfg.out)
         self.progress = progress
         slots = get_state(model).slots
@@ -95,20 +101,21 @@ class Trainer:
     # ------------------------------------------------------------------------------ evaluation
     def dev_loss(self) -> Dict[str, float]:
         if self.rating:
-            s = score_next_token(self.model, self.dev_items, self.pad, self.eval_bs, self.rating_ids)
+            s = score_next_token(self.model, self.dev_items, self.pad, self.eval_bs, self.rating_ids, self.prefix)
             pred = s["probs"].argmax(-1) + 1
             true = np.array([self.rating_ids.index(it.ids[it.n_prompt]) + 1 for it in self.dev_items])
-            return {"dev_loss": float(s["nll"].mean()), "dev_mae": float(np.abs(pred - true).mean())}
-        return {"dev_loss": mean_lm_loss(self.model, self.dev_items, self.pad, self.eval_bs)}
+            return {"dev_loss": float(s["nll"].mean()), "dev_mae": float(np.abs(pred - true).mean()),
+                    "dev_mae_median": float(np.abs(median_rating(s["probs"]) - true).mean())}
+        return {"dev_loss": mean_lm_loss(self.model, self.dev_items, self.pad, self.eval_bs, self.prefix)}
 
     def user_dev_losses(self, items: Optional[List] = None) -> np.ndarray:
         """[U] each user's mean dev loss (the next-token NLL of a rating, the target tokens' LM loss otherwise)
         over its selection examples (``items``: a subset of them); NaN for a user with none."""
         items = self.select_items if items is None else items
         if self.rating:
-            nll = score_next_token(self.model, items, self.pad, self.eval_bs)["nll"]
+            nll = score_next_token(self.model, items, self.pad, self.eval_bs, prefix=self.prefix)["nll"]
         else:
-            nll = np.array([mean_lm_loss(self.model, [it], self.pad, 1) for it in items])
+            nll = np.array([mean_lm_loss(self.model, [it], self.pad, 1, self.prefix) for it in items])
         rows = np.array([it.row for it in items], dtype=np.int64)
         sums = np.bincount(rows, weights=nll, minlength=len(self.ds))
         cnt = np.bincount(rows, minlength=len(self.ds))
@@ -142,14 +149,15 @@ class Trainer:
         items = self.test_cold if cold else self.test_items
         t0 = time.time()
         if self.rating:
-            s = score_next_token(self.model, items, self.pad, self.eval_bs, self.rating_ids)
+            s = score_next_token(self.model, items, self.pad, self.eval_bs, self.rating_ids, self.prefix)
             probs = s["probs"]
             y = [float(ex.target) for ex in self.test_examples]
-            pred, expected = probs.argmax(-1) + 1, probs @ np.arange(1, 6)
-            res = rating_metrics(y, pred, self.sizes, expected)
+            pred, expected, median = probs.argmax(-1) + 1, probs @ np.arange(1, 6), median_rating(probs)
+            res = rating_metrics(y, pred, self.sizes, expected, median)
             res["nll"] = float(s["nll"].mean())
             self.state.setdefault("predictions", {})[name] = {"pred": pred.tolist(),
-                                                              "expected": [round(float(v), 5) for v in expected]}
+                                                              "expected": [round(float(v), 5) for v in expected],
+                                                              "median": median.tolist()}
         else:
             pairs = DD.shard([(it.row, ex.input) for it, ex in zip(items, self.test_examples)])
             preds = generate_for_users(self.model, self.tok, pairs, max_new_tokens=self.cfg.max_new_tokens,
@@ -178,7 +186,8 @@ class Trainer:
     def _optimizer(self, stage: str):
         """Lazy AdamW (proper.make_optimizer): a user's rows move only on steps whose batch holds that user."""
         user_lr = self.cfg.user_lr if (stage == "user" and self.cfg.user_lr) else None
-        return make_optimizer(self.model, lr=self.cfg.lr, user_lr=user_lr, router_lr=self.cfg.router_lr,
+        lr = self.cfg.group_lr if (stage == "group" and self.cfg.group_lr) else self.cfg.lr
+        return make_optimizer(self.model, lr=lr, user_lr=user_lr, router_lr=self.cfg.router_lr,
                               weight_decay=0.0)
 
     def _trainable_named(self) -> Dict[str, torch.nn.Parameter]:
@@ -192,14 +201,41 @@ class Trainer:
             self._best_users = slots.snapshot()
         return {k: p.detach().clone() for k, p in named.items() if k not in self._slot_tables}
 
-    def _restore_best(self, named, best: Dict[str, torch.Tensor]) -> None:
+    def _restore_best(self, named, best: Dict[str, torch.Tensor], users_too: bool = True) -> None:
         with torch.no_grad():
             for k, p in named.items():
                 if k in best:
                     p.copy_(best[k])
         slots = get_state(self.model).slots
-        if slots is not None and self._best_users is not None:
+        if users_too and slots is not None and self._best_users is not None:
             slots.restore(self._best_users)
+
+    def _uses_ema(self, stage: str) -> bool:
+        return self.cfg.ema_decay > 0 and stage in EMA_STAGES
+
+    def _ema_start(self, named: Dict[str, torch.nn.Parameter]) -> Dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in named.items() if k not in self._slot_tables}
+
+    def _ema_update(self, named: Dict[str, torch.nn.Parameter], ema: Dict[str, torch.Tensor], step: int) -> None:
+        """Polyak averaging with the usual warm-up: decay min(ema_decay, (1 + t) / (10 + t)) at step t, so early
+        averages are not dominated by the initial weights."""
+        d = min(self.cfg.ema_decay, (1.0 + step) / (10.0 + step))
+        with torch.no_grad():
+            for k, v in ema.items():
+                v.lerp_(named[k].detach(), 1.0 - d)
+
+    @contextlib.contextmanager
+    def _weights(self, named: Dict[str, torch.nn.Parameter], values: Optional[Dict[str, torch.Tensor]]):
+        """The trained weights replaced by ``values`` (the averages) for the duration; None: unchanged."""
+        if values is None:
+            yield
+            return
+        raw = {k: named[k].detach().clone() for k in values}
+        self._restore_best(named, values, users_too=False)
+        try:
+            yield
+        finally:
+            self._restore_best(named, raw, users_too=False)
 
     def stage_loss(self, stage: str, batch) -> Tuple[torch.Tensor, Dict[str, float]]:
         lm = lm_loss(self.model, batch)
@@ -233,6 +269,8 @@ class Trainer:
             opt.load_state_dict(resume["optimizer"])
             es = resume["early_stopping"]
             es["best"] = {k: v.clone() for k, v in es["best"].items()}
+            if "ema" in es:
+                es["ema"] = {k: v.clone() for k, v in es["ema"].items()}
             if slots is not None:   # the users' best copy did not survive the restart: it starts from here
                 self._best_users = slots.snapshot()
             start = resume["step"] + 1
@@ -241,11 +279,14 @@ class Trainer:
             hist["evals"] = [h for h in hist["evals"] if h["step"] < start]
             log.info("%s: resuming at step %d", stage, start)
         else:
-            info.update(probe_loss_start=mean_lm_loss(self.model, self.probe_items, self.pad, self.eval_bs))
+            info.update(probe_loss_start=mean_lm_loss(self.model, self.probe_items, self.pad, self.eval_bs,
+                                                      self.prefix))
             d0 = self.dev_loss()
             hist["evals"].append({"step": -1, **d0})
             es = {"best_loss": d0["dev_loss"], "best_step": -1, "bad": 0, "stopped": False,
                   "best": self._best_copy(named)}
+            if self._uses_ema(stage):
+                es["ema"] = self._ema_start(named)
             if stage == "user" and cfg.user_select == "dev":
                 es["select_before"] = self.user_dev_losses().tolist()
             start = 0
@@ -271,15 +312,19 @@ class Trainer:
                 for g, lr in zip(opt.param_groups, base_lrs):
                     g["lr"] = lr * lr_factor(cfg.lr_schedule, step, steps, cfg.warmup_steps)
                 opt.step(touched=DD.union_rows(opt.touched_rows()))   # every rank moves the same users
+                if "ema" in es:
+                    self._ema_update(named, es["ema"], step)
                 hist["steps"].append({"step": step, **parts})
                 bar.update(1)
                 bar.set_postfix(loss=f"{parts['loss']:.4f}")
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
-                    d = self.dev_loss()
+                    with self._weights(named, es.get("ema")):   # with EMA: the averages are evaluated and kept
+                        d = self.dev_loss()
+                        best = d["dev_loss"] < es["best_loss"] - 1e-4
+                        if best:
+                            es.update(best_loss=d["dev_loss"], best_step=step, bad=0, best=self._best_copy(named))
                     hist["evals"].append({"step": step, **d})
-                    if d["dev_loss"] < es["best_loss"] - 1e-4:
-                        es.update(best_loss=d["dev_loss"], best_step=step, bad=0, best=self._best_copy(named))
-                    else:
+                    if not best:
                         es["bad"] += 1
                         if es["bad"] >= cfg.patience:
                             es["stopped"] = True
@@ -293,12 +338,12 @@ class Trainer:
         info.update(steps_run=last + 1, steps=steps, best_step=es["best_step"], best_dev_loss=es["best_loss"],
                     stopped_early=bool(es["stopped"]),
                     seconds=round(info.get("seconds", 0.0) + time.time() - t_start, 2))
-        info["probe_loss_end"] = mean_lm_loss(self.model, self.probe_items, self.pad, self.eval_bs)
-        if es["best_step"] == last:
+        info["probe_loss_end"] = mean_lm_loss(self.model, self.probe_items, self.pad, self.eval_bs, self.prefix)
+        if es["best_step"] == last and "ema" not in es:
             info["probe_loss_best"] = info["probe_loss_end"]
         else:
             self._restore_best(named, es["best"])   # the best dev weights
-            info["probe_loss_best"] = mean_lm_loss(self.model, self.probe_items, self.pad, self.eval_bs)
+            info["probe_loss_best"] = mean_lm_loss(self.model, self.probe_items, self.pad, self.eval_bs, self.prefix)
         if "select_before" in es:
             info["selection"] = self.select_users(np.asarray(es["select_before"], dtype=np.float64))
         if info["probe_loss_end"] >= info["probe_loss_start"]:

@@ -1,4 +1,4 @@
-"""The classic rating baselines: user_mean, item_mean and the biased matrix factorisation row mf_svd."""
+"""The classic rating baselines: user_mean, user_median, item_mean and the biased matrix factorisation row mf_svd."""
 from __future__ import annotations
 
 import random
@@ -33,7 +33,7 @@ def test_mf_svd_beats_user_mean_on_planted_item_biases():
     ds = _planted()
     preds = {}
     rows = classic_baselines(ds, ds.examples("test"), preds, seed=0)
-    assert list(rows) == ["user_mean", "item_mean", "mf_svd"]
+    assert list(rows) == ["user_mean", "user_median", "item_mean", "mf_svd"]
     assert rows["mf_svd"]["n"] == len(ds.examples("test")) == 200
     assert rows["mf_svd"]["unseen_users"] == 0 and rows["mf_svd"]["unseen_items"] == 0
     assert rows["mf_svd"]["mae"] < 0.5 * rows["user_mean"]["mae"], (rows["mf_svd"]["mae"], rows["user_mean"]["mae"])
@@ -67,7 +67,7 @@ def test_classic_baselines_without_items_have_no_mf_row():
     for s in ds.users.values():
         for sp in D.SPLITS:
             s[sp][:] = [D.Example(e.user, e.input, e.target, e.time) for e in s[sp]]
-    assert list(classic_baselines(ds, ds.examples("test"))) == ["user_mean"]
+    assert list(classic_baselines(ds, ds.examples("test"))) == ["user_mean", "user_median"]
 
 
 def test_surprise_is_imported_only_by_the_baseline():
@@ -77,3 +77,12 @@ def test_surprise_is_imported_only_by_the_baseline():
     code = "import sys, proper, proper.training, proper.training.evaluation; print('surprise' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_user_median_is_each_users_median_training_rating():
+    ds = _planted(n_users=6, n_items=9, n_test=2)
+    preds = {}
+    classic_baselines(ds, ds.examples("test"), preds, seed=0)
+    for ex, p in zip(ds.examples("test"), preds["user_median"]["pred"]):
+        assert p == float(np.median([float(t.target) for t in ds.users[ex.user].train]))
+    assert preds["user_median"]["pred"] != preds["user_mean"]["pred"]   # the planted ratings are skewed

@@ -10,7 +10,7 @@ import pytest
 from proper.training import report as R
 from proper.training.evaluation import rating_metrics
 
-SYSTEMS = ("user_mean", "item_mean", "mf_svd", "population", "group", "population+user", "proper")
+SYSTEMS = ("user_mean", "user_median", "item_mean", "mf_svd", "population", "group", "population+user", "proper")
 
 
 def fake_run(path, seed, offsets=None, users=12, per_user=3):
@@ -70,7 +70,7 @@ def test_bucket_scopes_put_the_sparse_bucket_first():
 def test_proper_vs_baselines_every_baseline_every_scope(tmp_path):
     run = fake_run(tmp_path / "r", 0, offsets={"proper": -0.0, "user_mean": 1.5})
     rows = R.proper_vs_baselines(R.load_predictions(run))
-    assert [(r["scope"], r["baseline"]) for r in rows[:7]] == (
+    assert [(r["scope"], r["baseline"]) for r in rows[:len(R.BASELINES) + 1]] == (
         [("all", b) for b in R.BASELINES] + [("<=20", "user_mean")])
     assert {r["scope"] for r in rows} == {"all", "<=20", "21-50", ">200"}
     first = rows[0]
@@ -178,3 +178,60 @@ def test_cli_eval_one_run_report_has_paired_tables(tmp_path, capsys):
     run = fake_run(tmp_path / "r", 0)
     assert main(["eval", str(run), "--report", str(tmp_path / "r.md")]) == 0
     assert "| proper - mf_svd |" in (tmp_path / "r.md").read_text()
+
+
+def test_median_rating_is_the_smallest_rating_reaching_half_the_mass():
+    from proper.training.evaluation import median_rating
+
+    probs = np.array([[0.1, 0.1, 0.2, 0.4, 0.2],     # cdf 0.1 0.2 0.4 0.8: 4 (the argmax too)
+                      [0.3, 0.0, 0.0, 0.0, 0.7],     # bimodal: the argmax says 5, the median 5
+                      [0.45, 0.0, 0.1, 0.0, 0.45],   # cdf 0.45 0.45 0.55: 3 (the argmax says 1)
+                      [0.5, 0.0, 0.0, 0.0, 0.5],     # exactly half at 1: 1
+                      [0.2, 0.2, 0.2, 0.2, 0.2]])    # uniform: 3
+    assert median_rating(probs).tolist() == [4, 5, 3, 1, 3]
+    assert median_rating(probs * 3.0).tolist() == [4, 5, 3, 1, 3]   # unnormalised rows
+
+
+def test_rating_metrics_report_the_median_rule():
+    y, pred, med = np.array([1.0, 5.0]), np.array([3.0, 3.0]), np.array([1.0, 4.0])
+    r = rating_metrics(y, pred, [10, 300], y_expected=pred, y_median=med)
+    assert r["mae"] == 2.0 and r["mae_median"] == 0.5 and r["rmse_median"] == pytest.approx(np.sqrt(0.5))
+    assert r["buckets"][">200"]["mae_median"] == 1.0
+
+
+def test_multi_seed_report_under_the_median_rule(tmp_path):
+    """--decision median: the LLM systems are scored by their "median" predictions, the classic rows (point
+    predictors) by their own; runs without median predictions get no intervals, named as such."""
+    from proper.training.results import multi_seed_report
+
+    runs = _three_seeds(tmp_path, offsets={"user_mean": 1.5})
+    for i, run in enumerate(runs):
+        p = json.loads((run / "predictions.json").read_text())
+        m = json.loads((run / "metrics.json").read_text())
+        y = [float(e["target"]) for e in p["examples"]]
+        sizes = [e["profile_size"] for e in p["examples"]]
+        for name in ("population", "group", "proper"):
+            p["systems"][name]["median"] = y if name == "proper" else p["systems"][name]["pred"]   # proper exact
+            m["systems"][name] = rating_metrics(y, p["systems"][name]["pred"], sizes, p["systems"][name]["pred"],
+                                                p["systems"][name]["median"])
+        (run / "predictions.json").write_text(json.dumps(p))
+        (run / "metrics.json").write_text(json.dumps(m))
+    text = multi_seed_report(runs, decision="median")
+    assert "the median of the five-rating distribution" in text
+    summary = _section(text, "Systems per seed")
+    assert "| proper | 0.000 | 0.000 | 0.000 | **0.000** |" in summary
+    um = json.loads((runs[0] / "metrics.json").read_text())["systems"]["user_mean"]["mae"]
+    assert f"| user_mean | {um:.3f} |" in summary                    # point predictors keep their own rating
+    overall = _section(text, "proper against each baseline, all test ratings")
+    rows = [ln for ln in overall.splitlines() if ln.startswith("| proper - ") and "baseline" not in ln]
+    assert len(rows) == 3 * len(R.BASELINES) and all(ln.endswith("| better |") for ln in rows)   # exact proper
+    argmax = multi_seed_report(runs)
+    assert "the argmax of the five-rating distribution" in argmax and argmax != text
+    (runs[2] / "predictions.json").write_text(json.dumps(
+        {**json.loads((runs[2] / "predictions.json").read_text()),
+         "systems": {k: {kk: vv for kk, vv in v.items() if kk != "median"}
+                     for k, v in json.loads((runs[2] / "predictions.json").read_text())["systems"].items()}}))
+    assert "No paired intervals for s2: no per-example predictions.json with `proper`'s median ratings" in \
+        multi_seed_report(runs, decision="median")
+    with pytest.raises(ValueError, match="decision must be one of"):
+        multi_seed_report(runs, decision="mean")

@@ -235,6 +235,48 @@ def test_token_router_run(smollm2, movielens, tmp_path):
     assert saved["proper"]["token_router"] is True
 
 
+def test_ema_and_group_lr_runs_evaluate_the_average_and_resume_it(smollm2, movielens, tmp_path):
+    """--ema-decay: the dev evaluations and the stage's result are the average (the group stage starts from the
+    population's best dev loss); the average survives a resume. --group-lr sets the experts' rate."""
+    import argparse
+
+    a = CT.add_train_arguments(argparse.ArgumentParser()).parse_args(["--out", str(tmp_path), "--ema-decay", "0.5",
+                                                                      "--group-lr", "3e-4"])
+    c = CT.config_from_args(a)
+    assert (c.ema_decay, c.group_lr) == (0.5, 3e-4)
+    with pytest.raises(ValueError, match="--ema-decay"):
+        T.TrainConfig(budget="tiny", ema_decay=1.0).resolved()
+    base, tok = smollm2
+    loader = lambda: (copy.deepcopy(base), tok)  # noqa: E731
+    kw = dict(steps_population=4, steps_group=4, steps_user=2, ablations=(), diagnostics=False, group_lr=3e-4)
+    hist, states = {}, {}
+    for name, ema in (("raw", 0.0), ("ema", 0.5)):
+        T.run_train(_cfg(tmp_path / name, ema_decay=ema, **kw), model_loader=loader, dataset=movielens,
+                    progress=False)
+        hist[name] = json.loads((tmp_path / name / "history.json").read_text())
+        states[name] = json.loads((tmp_path / name / "progress.json").read_text())["stages"]
+    for name in ("raw", "ema"):   # the group stage starts from the weights the population stage kept
+        assert hist[name]["group"]["evals"][0]["dev_loss"] == pytest.approx(
+            states[name]["population"]["best_dev_loss"], rel=1e-5)
+    raw, avg = ([e["dev_loss"] for e in hist[n]["population"]["evals"]] for n in ("raw", "ema"))
+    assert raw[0] == avg[0] and all(abs(x - y) > 1e-6 for x, y in zip(raw[1:], avg[1:]))
+    with pytest.raises(T.TrainingInterrupted):
+        T.run_train(_cfg(tmp_path / "cut", ema_decay=0.5, stop_after="group:2", **kw), model_loader=loader,
+                    dataset=movielens, progress=False)
+    from proper.training import checkpoints as TC
+
+    ck = TC.latest_checkpoint(tmp_path / "cut" / "checkpoints")
+    state = torch.load(ck / TC.STATE_NAME, map_location="cpu", weights_only=True)
+    assert state["stage"] == "group" and "ema" in state["early_stopping"]
+    lrs = {g["name"]: g["lr"] for g in state["optimizer"]["param_groups"]}
+    assert lrs["shared"] == 3e-4, lrs
+    T.run_train(_cfg(tmp_path / "cut", ema_decay=0.5, resume=True, **kw), model_loader=loader, dataset=movielens,
+                progress=False)
+    cut = json.loads((tmp_path / "cut" / "history.json").read_text())
+    for a, b in zip(hist["ema"]["group"]["evals"], cut["group"]["evals"]):
+        assert b["dev_loss"] == pytest.approx(a["dev_loss"], rel=1e-5)
+
+
 def test_cli_arguments(tmp_path):
     import argparse
 
