@@ -68,8 +68,8 @@ class FrozenPrefix:
         if share is not None and share.split != split:
             raise ValueError(f"FrozenPrefix: share= splits at layer {share.split}, this model at {split}")
         self.model, self.split, self.max_bytes = model, split, max_bytes
-        self.bottom = nn.ModuleList(list(dec.layers[:split]))
-        self.top = nn.ModuleList(list(dec.layers[split:]))
+        self.bottom = dec.layers[:split]   # a ModuleList of the same modules
+        self.top = dec.layers[split:]
         # share: another model with the same frozen bottom (an ablation's copy of the base) reads and adds to the
         # same states
         self.states: Dict[Tuple[int, ...], torch.Tensor] = {} if share is None else share.states
@@ -93,7 +93,7 @@ class FrozenPrefix:
         if split == 0 or split >= len(dec.layers):
             return None
         if getattr(model.config, "attention_dropout", 0.0) or any(
-                isinstance(m, nn.Dropout) and m.p > 0 for m in nn.ModuleList(list(dec.layers[:split])).modules()):
+                isinstance(m, nn.Dropout) and m.p > 0 for m in dec.layers[:split].modules()):
             return None
         if share is not None and share.split != split:
             share = None
@@ -155,7 +155,6 @@ class FrozenPrefix:
                 break
             self.states[keys[i]] = fresh[i]
         return out
-
 
     def usable(self) -> bool:
         """Whether this call may read the cache: scoring (no gradients), the cache on, the bottom still frozen."""

@@ -199,22 +199,27 @@ class Trainer:
         slots = get_state(self.model).slots
         if slots is not None:
             self._best_users = slots.snapshot()
+        return self._shared_copy(named)
+
+    def _shared_copy(self, named: Dict[str, torch.nn.Parameter]) -> Dict[str, torch.Tensor]:
+        """A copy of the trained weights other than the paged user slots."""
         return {k: p.detach().clone() for k, p in named.items() if k not in self._slot_tables}
 
-    def _restore_best(self, named, best: Dict[str, torch.Tensor], users_too: bool = True) -> None:
+    @staticmethod
+    def _load_weights(named: Dict[str, torch.nn.Parameter], values: Dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for k, p in named.items():
-                if k in best:
-                    p.copy_(best[k])
+                if k in values:
+                    p.copy_(values[k])
+
+    def _restore_best(self, named, best: Dict[str, torch.Tensor]) -> None:
+        self._load_weights(named, best)
         slots = get_state(self.model).slots
-        if users_too and slots is not None and self._best_users is not None:
+        if slots is not None and self._best_users is not None:
             slots.restore(self._best_users)
 
     def _uses_ema(self, stage: str) -> bool:
         return self.cfg.ema_decay > 0 and stage in EMA_STAGES
-
-    def _ema_start(self, named: Dict[str, torch.nn.Parameter]) -> Dict[str, torch.Tensor]:
-        return {k: p.detach().clone() for k, p in named.items() if k not in self._slot_tables}
 
     def _ema_update(self, named: Dict[str, torch.nn.Parameter], ema: Dict[str, torch.Tensor], step: int) -> None:
         """Polyak averaging with the usual warm-up: decay min(ema_decay, (1 + t) / (10 + t)) at step t, so early
@@ -231,11 +236,11 @@ class Trainer:
             yield
             return
         raw = {k: named[k].detach().clone() for k in values}
-        self._restore_best(named, values, users_too=False)
+        self._load_weights(named, values)
         try:
             yield
         finally:
-            self._restore_best(named, raw, users_too=False)
+            self._load_weights(named, raw)
 
     def stage_loss(self, stage: str, batch) -> Tuple[torch.Tensor, Dict[str, float]]:
         lm = lm_loss(self.model, batch)
@@ -286,7 +291,7 @@ class Trainer:
             es = {"best_loss": d0["dev_loss"], "best_step": -1, "bad": 0, "stopped": False,
                   "best": self._best_copy(named)}
             if self._uses_ema(stage):
-                es["ema"] = self._ema_start(named)
+                es["ema"] = self._shared_copy(named)
             if stage == "user" and cfg.user_select == "dev":
                 es["select_before"] = self.user_dev_losses().tolist()
             start = 0
