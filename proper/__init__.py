@@ -20,7 +20,8 @@ from .models import load_smollm2, load_smollm2_tokenizer
 from .modules import LoRAAwareRouter, ProperLinear, UserAwareRouter, top_k_gates
 from .optim import ProperAdamW, make_optimizer
 from .patch import apply_proper, init_experts_from_population, linear_modules, set_stage, trainable_parameters
-from .routing import lora_router_disabled, refresh_cold_start, reset_user_adapters, user_gates, user_routing
+from .routing import (lora_router_disabled, refresh_cold_start, reset_user_adapters, set_router_logits, user_gates,
+                      user_routing)
 from .state import STAGES, get_stage, get_state, proper_layers
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "apply_proper", "set_stage", "get_stage", "get_state", "users", "MissingUsersError",
     "gradient_checkpointing_kwargs", "install_user_ids_keyword", "UserIdCollator",
     "lora_router_disabled", "user_routing", "user_gates", "refresh_cold_start", "reset_user_adapters",
+    "set_router_logits",
     "import_peft_adapter", "save_pretrained", "from_pretrained", "load_proper_weights", "proper_state_dict",
     "generate_for_users", "load_smollm2", "load_smollm2_tokenizer", "export_peft_adapter", "export_users",
     "ProperLinear", "UserAwareRouter", "LoRAAwareRouter", "top_k_gates",

@@ -6,6 +6,7 @@
     g = proper.user_gates(model, [0, 5, -1])     # [L, B, K] gates of each user in each adapted layer
     proper.refresh_cold_start(model)             # a paged model: cold-start gates over the stored users
     proper.reset_user_adapters(model, [3, 7])    # those users' own LoRA B = 0: the groups serve them
+    proper.set_router_logits(model, ids, logits) # start users' group gates at given logits (e.g. clusters)
 """
 from __future__ import annotations
 
@@ -78,6 +79,47 @@ def refresh_cold_start(model: nn.Module) -> None:
             e = torch.stack([slots.field(u, key) for u in users[lo:lo + 4096]])
             acc += torch.softmax(r.proj(e).float(), dim=-1).sum(0).double()
         r.cold_start.copy_((acc / len(users)).float())
+
+
+@torch.no_grad()
+def set_router_logits(model: nn.Module, user_ids: Sequence[int], logits: Tensor) -> None:
+    """Make the user-aware router give the users ``user_ids`` [B] the logits ``logits`` [B, K] (so their gates are
+    top_k(softmax(logits))), e.g. a data-driven start of the group assignments (training/group_init.py).
+
+    Every user-aware router (the model-level one, each head of router_scope="heads", or each layer's) gets the
+    projection W = [I_K | 0] and b = 0, and each listed user's embedding row becomes [logits_u, 0, ...]. Users
+    not listed keep their embedding rows, which now read through the new W: list every user of the model. Needs
+    router_dim >= K. A paged model pages the users in chunks and marks them changed."""
+    state = get_state(model)
+    cfg = state.cfg
+    if not cfg.num_experts:
+        raise ValueError("set_router_logits: the model has no group experts (num_experts=0)")
+    ids = [int(u) for u in check_user_ids(state, list(user_ids)).tolist()]
+    if any(u < 0 for u in ids):
+        raise ValueError("set_router_logits: argument 'user_ids' must hold known users (ids >= 0), got a -1")
+    K = cfg.num_experts
+    if tuple(logits.shape) != (len(ids), K):
+        raise ValueError(f"set_router_logits: argument 'logits' must have shape [{len(ids)}, {K}] (users, experts), "
+                         f"got {list(logits.shape)}")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("set_router_logits: argument 'logits' must be finite")
+    routers = {id(r): r for r in (layer.user_router for layer in state.layers.values()) if r is not None}
+    dim = next(iter(routers.values())).proj.in_features
+    if dim < K:
+        raise ValueError(f"set_router_logits: needs router_dim >= num_experts, got {dim} < {K}")
+    tables = {id(r.table): r.table for r in routers.values()}
+    for r in routers.values():
+        r.proj.weight.zero_()
+        r.proj.weight[:, :K].copy_(torch.eye(K))
+        r.proj.bias.zero_()
+    step = max(1, len(ids) if state.slots is None else state.slots.chunk)
+    for lo in range(0, len(ids), step):
+        rows = torch.as_tensor(state.user_rows(ids[lo:lo + step], write=True))
+        for t in tables.values():
+            w = t.weight
+            rows_d = rows.to(w.device)
+            w.index_fill_(0, rows_d, 0.0)
+            w[rows_d, :K] = logits[lo:lo + step].to(device=w.device, dtype=w.dtype)
 
 
 @torch.no_grad()

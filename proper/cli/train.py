@@ -14,7 +14,7 @@ import torch
 
 from .. import data as D
 from ..training import BUDGETS, ABLATIONS, TrainConfig, TrainingInterrupted, run_train, summary_table
-from ..training.config import PAGE_ABOVE
+from ..training.config import GROUP_INITS, PAGE_ABOVE
 from ..config import ROUTER_SCOPES
 from ..training import distributed as DD
 
@@ -40,6 +40,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lora-layers", default=None, help="adapt only the top N decoder layers ('all': every layer; "
                    "default: the budget's)")
     p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--group-init", choices=GROUP_INITS, default=None,
+                   help="the group assignments at the group stage's start: 'ratings' (users clustered by their "
+                        "training ratings' histogram; rating tasks) or 'random' (the router's seeded random rows); "
+                        "default: the budget's")
     p.add_argument("--lb-coef", type=float, default=0.01, help="load-balancing weight (group stage)")
     p.add_argument("--distinct-coef", type=float, default=0.01, help="experts-distinct weight (group stage)")
     p.add_argument("--sampling", choices=("example", "user"), default="example")
@@ -65,9 +69,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="also score PROPER with the LoRA-aware router off and as a cold start (default: budget's)")
     p.add_argument("--target-modules", default="gate_proj,up_proj,down_proj", help="comma-separated")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--ema-decay", type=float, default=0.0,
+    p.add_argument("--ema-decay", type=float, default=None,
                    help="Polyak averaging of the population and group stages' weights: dev evaluations, early "
-                        "stopping and the stage's result use the average (e.g. 0.99; default 0: off)")
+                        "stopping and the stage's result use the average (0: off; default: the budget's)")
     p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="scoring passes (dev, test, per-user selection) run only the adapted top layers, the frozen "
                         "bottom layers' hidden states cached per example (default: on)")

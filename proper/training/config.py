@@ -12,6 +12,8 @@ from ..state import STAGES
 ABLATIONS = ("population+user", "proper_no_lora_router")
 #: The stages whose shared weights TrainConfig.ema_decay averages.
 EMA_STAGES = ("population", "group")
+#: TrainConfig.group_init values (training/group_init.py).
+GROUP_INITS = ("ratings", "random")
 #: With resident_users="auto", runs with more users than this page them (the user store, proper/store/).
 PAGE_ABOVE = 128
 
@@ -31,11 +33,12 @@ BUDGETS: Dict[str, Dict[str, Any]] = {
     "tiny": dict(max_users=4, batch_size=4, steps_population=6, steps_group=6, steps_user=6, eval_every=3,
                  patience=3, num_experts=2, top_k=0, expert_rank=4, user_rank=2, dev_max=4, test_max=None,
                  max_len=128, lr=2e-3, user_lr=None, router_lr=2e-2, lora_layers=2, select_per_user=2,
-                 diagnostics=True, ablations=ABLATIONS),
+                 diagnostics=True, ablations=ABLATIONS, ema_decay=0.0, group_init="ratings"),
     "default": dict(max_users=128, batch_size=8, steps_population=400, steps_group=200, steps_user=200,
                     eval_every=100, patience=3, num_experts=4, top_k=2, expert_rank=8, user_rank=4, dev_max=256,
                     test_max=None, max_len=128, lr=1e-3, user_lr=3e-4, router_lr=1e-2, lora_layers=10,
-                    select_per_user=6, diagnostics=False, ablations=("population+user",)),
+                    select_per_user=6, diagnostics=False, ablations=("population+user",), ema_decay=0.99,
+                    group_lr=3e-4, group_init="ratings"),
 }
 
 
@@ -69,7 +72,10 @@ class TrainConfig:
     # early stopping and the stage's result use the average (0: off). A best-of-evaluations snapshot of noisy raw
     # weights overfits the dev set; the average is smoother. Not in the user stage: a user's rows move only on
     # the steps that hold the user, so one decay per step would mean a different average per user.
-    ema_decay: float = 0.0
+    ema_decay: Optional[float] = None  # (None: the budget's)
+    # the group assignments at the group stage's start: "ratings" (users clustered by their training ratings,
+    # training/group_init.py) or "random" (the router's seeded random rows)
+    group_init: Optional[str] = None   # (None: the budget's)
     lb_coef: float = 0.01              # load-balancing term of the group loss
     distinct_coef: float = 0.01        # experts-distinct term of the group loss
     max_len: Optional[int] = None      # prompt + target tokens; longer prompts lose their start
@@ -151,6 +157,8 @@ class TrainConfig:
             raise ValueError(f"--resident-users must be 'auto', 'all' or an int >= 1, got {r!r}")
         if cfg.on_error not in ("raise", "skip"):
             raise ValueError(f"--on-error must be 'raise' or 'skip', got {cfg.on_error!r}")
+        if cfg.group_init not in GROUP_INITS:
+            raise ValueError(f"--group-init must be one of {GROUP_INITS}, got {cfg.group_init!r}")
         if cfg.sampling not in ("example", "user"):
             raise ValueError(f"--sampling must be 'example' or 'user', got {cfg.sampling!r}")
         if cfg.stop_after is not None:

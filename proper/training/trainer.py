@@ -27,6 +27,7 @@ from .checkpoints import save_checkpoint, write_json
 from .config import EMA_STAGES, TrainConfig, TrainingInterrupted
 from .evaluation import (fmt_system, group_report, mean_lm_loss, median_rating, rating_metrics, rouge_metrics,
                          score_next_token, spread, user_gates)
+from .group_init import init_groups_from_ratings
 from .losses import distinct_loss, load_balance_loss, lm_loss
 from .prefix import FrozenPrefix
 
@@ -284,6 +285,12 @@ class Trainer:
             hist["evals"] = [h for h in hist["evals"] if h["step"] < start]
             log.info("%s: resuming at step %d", stage, start)
         else:
+            if stage == "group" and cfg.group_init == "ratings":
+                report = init_groups_from_ratings(self.model, self.ds, cfg.seed)
+                info["group_init"] = report or {"how": "random", "why": "not a rating task"}
+                if report:
+                    log.info("group: assignments start at rating clusters of sizes %s (mean ratings %s)",
+                             report["cluster_sizes"], report["cluster_mean_rating"])
             info.update(probe_loss_start=mean_lm_loss(self.model, self.probe_items, self.pad, self.eval_bs,
                                                       self.prefix))
             d0 = self.dev_loss()

@@ -154,3 +154,21 @@ def test_reset_user_adapters_serves_those_users_by_the_groups(paged):
     assert torch.equal(after[1], before[1]) and not torch.equal(before[1], group[1])
     with pytest.raises(ValueError, match="user_ids"):
         proper.reset_user_adapters(m, [9])
+
+
+@pytest.mark.parametrize("scope,paged", [("model", None), ("model", 3), ("heads", None), ("layer", None)])
+def test_set_router_logits_gives_those_gates_in_every_layer(scope, paged):
+    m = _group_model(scope, resident_users=paged)
+    U = proper.get_state(m).cfg.num_users
+    K = proper.get_state(m).cfg.num_experts
+    logits = torch.randn(U, K) * 2
+    proper.set_router_logits(m, range(U), logits)
+    g = proper.user_gates(m, list(range(U)))
+    want = proper.top_k_gates(torch.softmax(logits, -1), proper.get_state(m).cfg.effective_top_k)
+    assert torch.allclose(g, want[None].expand_as(g), atol=1e-6)
+    with pytest.raises(ValueError, match="'logits' must have shape"):
+        proper.set_router_logits(m, [0, 1], logits)
+    with pytest.raises(ValueError, match="user_ids"):
+        proper.set_router_logits(m, [U], logits[:1])
+    with pytest.raises(ValueError, match="finite"):
+        proper.set_router_logits(m, [0], torch.full((1, K), float("nan")))
