@@ -40,6 +40,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lora-layers", default=None, help="adapt only the top N decoder layers ('all': every layer; "
                    "default: the budget's)")
     p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--select-by", choices=("loss", "mae"), default=None,
+                   help="early stopping of each stage: the dev loss, or (rating tasks) the dev MAE of the median "
+                        "rule with the loss breaking ties; default: the budget's")
     p.add_argument("--group-init", choices=GROUP_INITS, default=None,
                    help="the group assignments at the group stage's start: 'ratings' (users clustered by their "
                         "training ratings' histogram; rating tasks) or 'random' (the router's seeded random rows); "

@@ -33,12 +33,12 @@ BUDGETS: Dict[str, Dict[str, Any]] = {
     "tiny": dict(max_users=4, batch_size=4, steps_population=6, steps_group=6, steps_user=6, eval_every=3,
                  patience=3, num_experts=2, top_k=0, expert_rank=4, user_rank=2, dev_max=4, test_max=None,
                  max_len=128, lr=2e-3, user_lr=None, router_lr=2e-2, lora_layers=2, select_per_user=2,
-                 diagnostics=True, ablations=ABLATIONS, ema_decay=0.0, group_init="ratings"),
+                 diagnostics=True, ablations=ABLATIONS, ema_decay=0.0, group_init="ratings", select_by="loss"),
     "default": dict(max_users=128, batch_size=8, steps_population=400, steps_group=200, steps_user=200,
                     eval_every=100, patience=3, num_experts=4, top_k=2, expert_rank=8, user_rank=4, dev_max=256,
                     test_max=None, max_len=128, lr=1e-3, user_lr=3e-4, router_lr=1e-2, lora_layers=10,
                     select_per_user=6, diagnostics=False, ablations=("population+user",), ema_decay=0.99,
-                    group_lr=3e-4, group_init="ratings"),
+                    group_lr=3e-4, group_init="ratings", select_by="mae"),
 }
 
 
@@ -73,6 +73,10 @@ class TrainConfig:
     # weights overfits the dev set; the average is smoother. Not in the user stage: a user's rows move only on
     # the steps that hold the user, so one decay per step would mean a different average per user.
     ema_decay: Optional[float] = None  # (None: the budget's)
+    # early stopping of each stage (and the weights it keeps): "loss" (dev NLL) or "mae" (rating tasks: the dev
+    # MAE of the median rule, the dev loss breaking ties; the metric reported, where the loss can prefer a model
+    # that predicts every user's ratings worse; else the loss)
+    select_by: Optional[str] = None    # (None: the budget's)
     # the group assignments at the group stage's start: "ratings" (users clustered by their training ratings,
     # training/group_init.py) or "random" (the router's seeded random rows)
     group_init: Optional[str] = None   # (None: the budget's)
@@ -157,6 +161,8 @@ class TrainConfig:
             raise ValueError(f"--resident-users must be 'auto', 'all' or an int >= 1, got {r!r}")
         if cfg.on_error not in ("raise", "skip"):
             raise ValueError(f"--on-error must be 'raise' or 'skip', got {cfg.on_error!r}")
+        if cfg.select_by not in ("loss", "mae"):
+            raise ValueError(f"--select-by must be 'loss' or 'mae', got {cfg.select_by!r}")
         if cfg.group_init not in GROUP_INITS:
             raise ValueError(f"--group-init must be one of {GROUP_INITS}, got {cfg.group_init!r}")
         if cfg.sampling not in ("example", "user"):

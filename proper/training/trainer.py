@@ -109,6 +109,14 @@ class Trainer:
                     "dev_mae_median": float(np.abs(median_rating(s["probs"]) - true).mean())}
         return {"dev_loss": mean_lm_loss(self.model, self.dev_items, self.pad, self.eval_bs, self.prefix)}
 
+    def _score(self, d: Dict[str, float]) -> List[float]:
+        """The early-stopping criterion of a dev evaluation ``d``, compared lexicographically (_improves): the dev
+        loss, or with select_by="mae" on a rating task (dev_mae_median, dev_loss), so that MAE decides and the loss
+        breaks its ties (MAE over a few hundred integer ratings moves in steps of 1/n and often stays put)."""
+        if self.cfg.select_by == "mae" and "dev_mae_median" in d:
+            return [d["dev_mae_median"], d["dev_loss"]]
+        return [d["dev_loss"]]
+
     def user_dev_losses(self, items: Optional[List] = None) -> np.ndarray:
         """[U] each user's mean dev loss (the next-token NLL of a rating, the target tokens' LM loss otherwise)
         over its selection examples (``items``: a subset of them); NaN for a user with none."""
@@ -295,8 +303,8 @@ class Trainer:
                                                       self.prefix))
             d0 = self.dev_loss()
             hist["evals"].append({"step": -1, **d0})
-            es = {"best_loss": d0["dev_loss"], "best_step": -1, "bad": 0, "stopped": False,
-                  "best": self._best_copy(named)}
+            es = {"best_loss": d0["dev_loss"], "best_score": self._score(d0), "best_step": -1, "bad": 0,
+                  "stopped": False, "best": self._best_copy(named)}
             if self._uses_ema(stage):
                 es["ema"] = self._shared_copy(named)
             if stage == "user" and cfg.user_select == "dev":
@@ -332,9 +340,10 @@ class Trainer:
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
                     with self._weights(named, es.get("ema")):   # with EMA: the averages are evaluated and kept
                         d = self.dev_loss()
-                        best = d["dev_loss"] < es["best_loss"] - 1e-4
+                        best = _improves(self._score(d), es.get("best_score", [es["best_loss"]]))
                         if best:
-                            es.update(best_loss=d["dev_loss"], best_step=step, bad=0, best=self._best_copy(named))
+                            es.update(best_loss=d["dev_loss"], best_score=self._score(d), best_step=step, bad=0,
+                                      best=self._best_copy(named))
                     hist["evals"].append({"step": step, **d})
                     if not best:
                         es["bad"] += 1
@@ -386,6 +395,18 @@ class Trainer:
         if DD.is_main():
             save_pretrained(self.model, self.out / "stages" / stage)
 
+
+
+def _improves(score: List[float], best: List[float]) -> bool:
+    """Whether a dev score (Trainer._score) beats the best so far: its first entry lower by more than 1e-4 of a
+    loss / 1e-9 of an MAE, or equal there and the next entry lower by more than 1e-4."""
+    if len(score) != len(best):   # a checkpoint from a run with another criterion: compare the dev loss
+        score, best = score[-1:], best[-1:]
+    if len(score) == 1:
+        return score[0] < best[0] - 1e-4
+    if score[0] < best[0] - 1e-9:
+        return True
+    return abs(score[0] - best[0]) <= 1e-9 and score[1] < best[1] - 1e-4
 
 
 #: The cosine schedule ends at this fraction of the stage's learning rate.
