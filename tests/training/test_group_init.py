@@ -52,3 +52,20 @@ def test_beta_bisection_hits_the_target():
     z = -beta * (d2 - d2.min(1, keepdims=True))
     p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
     assert abs(p.max(1).mean() - 0.6) < 1e-6
+
+
+def test_select_by_mae_lets_the_loss_break_ties_only():
+    from proper.training import TrainConfig
+    from proper.training.trainer import _improves
+
+    assert _improves([0.80, 1.60], [0.90, 1.50])          # lower MAE wins whatever the loss
+    assert not _improves([0.95, 1.00], [0.90, 2.00])
+    assert _improves([0.90, 1.40], [0.90, 1.50])          # equal MAE: the loss decides
+    assert not _improves([0.90, 1.4999], [0.90, 1.50])
+    assert _improves([1.40], [1.50]) and not _improves([1.4999], [1.50])
+    assert _improves([0.8, 1.4], [1.5])                   # a checkpoint of a loss-selected run: compare losses
+    assert TrainConfig().resolved().select_by == "mae" and TrainConfig(budget="tiny").resolved().select_by == "loss"
+    with pytest.raises(ValueError, match="--select-by"):
+        TrainConfig(select_by="rmse").resolved()
+    with pytest.raises(ValueError, match="--group-init"):
+        TrainConfig(group_init="kmeans").resolved()
