@@ -295,7 +295,7 @@ class Trainer:
         else:
             if stage == "group" and cfg.group_init == "ratings":
                 report = init_groups_from_ratings(self.model, self.ds, cfg.seed)
-                info["group_init"] = report or {"how": "random", "why": "not a rating task"}
+                info["group_init"] = report or {"how": "random", "why": "not a rating task, K < 2 or U < K"}
                 if report:
                     log.info("group: assignments start at rating clusters of sizes %s (mean ratings %s)",
                              report["cluster_sizes"], report["cluster_mean_rating"])
