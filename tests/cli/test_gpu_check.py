@@ -150,7 +150,7 @@ def test_dry_run_script(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PROPER_GRID_DEVICE")}
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"rc {r.returncode}\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
     report = json.loads((out / "gpu_check.json").read_text())
     steps = {s["name"]: s["status"] for s in report["steps"]}
