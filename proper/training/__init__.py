@@ -99,11 +99,12 @@ Early stopping (``select_by``): "loss" compares dev losses; "mae" (the default b
 dev MAE of the median rule and lets the dev loss break its ties. On MovieLens dev the loss preferred a population
 model that predicts the same rating for everyone over a group model with 0.15 lower MAE.
 
-Weight averaging (``ema_decay``: 0.99 in the default budget, off in tiny): in the population and group stages, an exponential moving
-average of the shared weights (decay min(ema_decay, (1 + t) / (10 + t)) at step t) is what the dev evaluations
-score, what early stopping keeps and what the stage hands on; the raw weights keep training. Why: with small
-batches the raw weights' dev loss swings between evaluations, so the best-of-evaluations snapshot is a lucky draw
-that the next stage regresses from. Not in the user stage (a user's rows move only on the steps that hold it).
+Weight averaging (``ema_decay``: 0.99 in the default budget, off in tiny): in the population and group stages,
+an exponential moving average of the shared weights (decay min(ema_decay, (1 + t) / (10 + t)) at step t) is
+what the dev evaluations score, what early stopping keeps and what the stage hands on; the raw weights keep
+training. Why: with small batches the raw weights' dev loss swings between evaluations, so the best-of-evaluations
+snapshot is a lucky draw that the next stage regresses from. Not in the user stage (a user's rows move only on
+the steps that hold it).
 
 Scoring passes (dev, test, per-user selection) run through a frozen-prefix cache (``prefix_cache``, on by
 default; prefix.py): the decoder layers below the lowest adapted one are frozen and adapter-free, so each
@@ -111,8 +112,9 @@ sequence's hidden state there is computed once and the later passes run only the
 by default: a test pass costs about a third). Training steps always run every layer.
 
 Modules: config (TrainConfig, presets), model_setup (the base model), batches, losses, evaluation, prefix (the
-scoring passes' frozen-prefix cache), group_init (the rating-cluster start of the groups), checkpoints (the one write and resume path), trainer, ablations, run
-(run_train), report (tables, plots, bootstrap intervals), distributed (torchrun data parallelism).
+scoring passes' frozen-prefix cache), group_init (the rating-cluster start of the groups), checkpoints (the one
+write and resume path), trainer, ablations, run (run_train), report (tables, plots, bootstrap intervals),
+distributed (torchrun data parallelism).
 """
 from .batches import Encoded, collate, encode
 from .config import ABLATIONS, BUDGETS, STAGES, TrainConfig, TrainingInterrupted

@@ -26,6 +26,7 @@ from .. import data as D
 from ..routing import set_router_logits
 from ..state import get_state
 
+
 def rating_features(ds: D.Dataset, prior: float = 5.0) -> np.ndarray:
     """[num_users, len(RATINGS)] each user's shrunk rating histogram (rows sum to 1), in the dataset's user order."""
     labels = list(D.RATINGS)
@@ -39,10 +40,15 @@ def rating_features(ds: D.Dataset, prior: float = 5.0) -> np.ndarray:
     return (counts + prior * pop) / (counts.sum(1, keepdims=True) + prior)
 
 
+def _logits(d2: np.ndarray, beta: float) -> np.ndarray:
+    """-beta * d2, shifted so each row's largest logit is 0 (the same softmax, no overflow)."""
+    return -beta * (d2 - d2.min(1, keepdims=True))
+
+
 def _beta_for(d2: np.ndarray, confidence: float) -> float:
     """The beta at which the mean over users of max_k softmax(-beta d2[u]) is `confidence` (monotone in beta)."""
     def mean_max(beta: float) -> float:
-        z = -beta * (d2 - d2.min(1, keepdims=True))
+        z = _logits(d2, beta)
         p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
         return float(p.max(1).mean())
 
@@ -58,7 +64,7 @@ def _beta_for(d2: np.ndarray, confidence: float) -> float:
 def init_groups_from_ratings(model, ds: D.Dataset, seed: int, *, confidence: float = 0.75,
                              prior: float = 5.0) -> Optional[Dict[str, Any]]:
     """Start the user-aware router's gates at rating clusters (module docstring); returns a report (cluster
-    sizes, beta, mean largest gate), or None where it does not apply (not a rating task, or no experts)."""
+    sizes, beta, confidence), or None where it does not apply (not a rating task, K < 2, or fewer users than K)."""
     from sklearn.cluster import KMeans   # (the `data` extra; only this start needs it)
 
     state = get_state(model)
@@ -71,7 +77,7 @@ def init_groups_from_ratings(model, ds: D.Dataset, seed: int, *, confidence: flo
     km = KMeans(n_clusters=K, n_init=10, random_state=seed).fit(f)
     d2 = ((f[:, None, :] - km.cluster_centers_[None]) ** 2).sum(-1)   # [U, K]
     beta = _beta_for(d2, confidence)
-    logits = -beta * (d2 - d2.min(1, keepdims=True))
+    logits = _logits(d2, beta)
     set_router_logits(model, range(len(ds)), torch.as_tensor(logits, dtype=torch.float32))
     sizes: List[int] = np.bincount(km.labels_, minlength=K).tolist()
     labels = np.asarray([float(r) for r in D.RATINGS])

@@ -340,9 +340,10 @@ class Trainer:
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
                     with self._weights(named, es.get("ema")):   # with EMA: the averages are evaluated and kept
                         d = self.dev_loss()
-                        best = _improves(self._score(d), es.get("best_score", [es["best_loss"]]))
+                        score = self._score(d)
+                        best = _improves(score, es.get("best_score", [es["best_loss"]]))
                         if best:
-                            es.update(best_loss=d["dev_loss"], best_score=self._score(d), best_step=step, bad=0,
+                            es.update(best_loss=d["dev_loss"], best_score=score, best_step=step, bad=0,
                                       best=self._best_copy(named))
                     hist["evals"].append({"step": step, **d})
                     if not best:
