@@ -4,9 +4,10 @@
 
 (a) MAE/RMSE of every system per seed, (b) PROPER minus each baseline per seed (paired bootstrap on the same
 test ratings: mean difference of |error|, SE, 95% interval, verdict), (c) the same per profile-size bucket,
-sparse users (<= 20 training ratings) first, (d) how many test ratings and users each seed scored. A single
-seed's 128 ratings cannot separate systems a few hundredths apart; the point of (b)/(c) is to show that
-per seed rather than average it away.
+sparse users (<= 20 training ratings) first, (d) how many test ratings and users each seed scored. (b) and (c)
+also have a ``pooled`` column: every seed's test ratings as one sample (:func:`pooled_run`). A seed's
+sparse bucket (about 50 ratings) cannot separate systems a few hundredths apart; the per-seed columns show that
+rather than average it away, and the pooled one narrows it.
 """
 from __future__ import annotations
 
@@ -43,6 +44,31 @@ def load_runs(run_dirs: Sequence, system: str = "proper", n_boot: int = 5000, se
     for r, s in zip(runs, seeds):
         r["label"] = f"s{s}" if unique else r["dir"].name
     return runs
+
+
+def pooled_run(runs: List[Dict[str, Any]], system: str = "proper", n_boot: int = 5000,
+               seed: int = 0) -> Optional[Dict[str, Any]]:
+    """The seeds' test ratings as one sample (label ``pooled``): their predictions concatenated (users kept
+    apart by seed), and its paired contrasts. One seed's interval is wide where a bucket holds few ratings (the
+    sparse users: about 50 per seed); pooling the seeds narrows it. The resample treats the seeds' ratings as
+    independent, although a user drawn in two seeds appears twice (128 of 943 users per seed: about 17 shared
+    by two seeds), so the pooled interval is slightly optimistic. None with fewer than two runs with contrasts,
+    or when the runs do not share ``system``'s decided predictions."""
+    with_preds = [r for r in runs if r["contrasts"] is not None]
+    if len(with_preds) < 2:
+        return None
+    names = set.intersection(*({n for n, v in r["preds"]["systems"].items() if v is not None} for r in with_preds))
+    systems = {}
+    for n in names:
+        keys = set.intersection(*(set(r["preds"]["systems"][n]) for r in with_preds))
+        systems[n] = {k: [v for r in with_preds for v in r["preds"]["systems"][n][k]] for k in keys}
+    examples = [{**e, "user": f"{r['label']}/{e['user']}"} for r in with_preds for e in r["preds"]["examples"]]
+    preds = {"examples": examples, "systems": systems}
+    key = _decision_key(with_preds[0]["decision"])
+    if system not in systems or decided(systems[system], key) is None:
+        return None
+    return {"dir": None, "label": "pooled", "metrics": None, "preds": preds, "decision": with_preds[0]["decision"],
+            "contrasts": proper_vs_baselines(preds, system, key=key, n_boot=n_boot, seed=seed)}
 
 
 def _mean(xs: List[float]) -> Optional[float]:
@@ -166,6 +192,8 @@ def multi_seed_report(run_dirs: Sequence, system: str = "proper", n_boot: int = 
     """The markdown of (a) .. (d) for the run folders ``run_dirs`` (one per seed, in the given order), the LLM
     systems' rating taken by ``decision`` (:data:`report.DECISIONS`)."""
     runs = load_runs(run_dirs, system, n_boot, seed, decision)
+    pooled = pooled_run(runs, system, n_boot, seed)
+    contrast_runs = runs + ([pooled] if pooled else [])
     folders = ", ".join(f"`{r['dir']}` ({r['label']})" for r in runs)
     missing = [r["label"] for r in runs if r["contrasts"] is None]
     note = (f"\n\nNo paired intervals for {', '.join(missing)}: no per-example predictions.json with `{system}`'s "
@@ -175,10 +203,13 @@ def multi_seed_report(run_dirs: Sequence, system: str = "proper", n_boot: int = 
     how = (f"The LLM systems' rating: {rule}. "
            f"Paired bootstrap on the same test ratings: mean of |error| of {system} minus |error| of the baseline "
            f"(negative = {system} better) ± its bootstrap SE, 95% percentile interval ({n_boot} resamples of the "
-           f"test ratings, seed {seed}); 'better'/'worse' only where the interval excludes 0, else 'tie'.")
+           f"test ratings, seed {seed}); 'better'/'worse' only where the interval excludes 0, else 'tie'."
+           + (" `pooled`: every seed's test ratings as one sample (a user drawn in two seeds counts twice, so its "
+              "interval is slightly optimistic)." if pooled else ""))
     return (f"Runs: {folders}.{note}\n\n"
             f"### Systems per seed\n\n{seed_summary_table(runs)}\n\n"
-            f"### {system} against each baseline, all test ratings\n\n{how}\n\n{overall_contrast_table(runs, system)}"
+            f"### {system} against each baseline, all test ratings\n\n{how}\n\n"
+            f"{overall_contrast_table(contrast_runs, system)}"
             f"\n\n### {system} against each baseline, by training-profile size (sparse users first)\n\n"
-            f"{bucket_contrast_tables(runs, system) or '(no per-example predictions)'}\n\n"
+            f"{bucket_contrast_tables(contrast_runs, system) or '(no per-example predictions)'}\n\n"
             f"### Test ratings and users per seed\n\n{counts_table(runs)}\n")

@@ -14,6 +14,8 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,7 @@ def emu():
     build = Path(os.environ.get("PROPER_EMU_BUILD_DIR",
                                 Path.home() / ".cache" / "proper_kernels" / f"cuda_emu_{tag}"))
     build.mkdir(parents=True, exist_ok=True)
+    _drop_stale_lock(build / "lock")
     emu_h = CSRC / "cuda" / "host_emu" / "cuda_emu.h"
     sources = []
     for name in KERNEL_FILES:   # one translation unit per .cu file, as nvcc compiles them
@@ -92,6 +95,21 @@ def emu():
         name="proper_cuda_emu", sources=sources, build_directory=str(build), verbose=False,
         extra_cflags=["-O1", "-DPROPER_CUDA_EMULATE", "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
         extra_include_paths=[str(CSRC), inc])
+
+
+# cpp_extension.load's FileBaton leaves `lock` behind when a build is killed, and every later build then waits on
+# it forever. No build of these few files holds the lock this long, so an older one belongs to a dead run.
+_STALE_LOCK_S = 20 * 60
+
+
+def _drop_stale_lock(lock):
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > _STALE_LOCK_S:
+        warnings.warn(f"removing a stale build lock {lock} ({age / 60:.0f} min old, left by a killed build)")
+        lock.unlink(missing_ok=True)
 
 
 class _WithBlocks:

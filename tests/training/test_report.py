@@ -115,7 +115,8 @@ def test_multi_seed_report_sections(tmp_path):
     assert f"{mean:.3f}" in summary
     overall = _section(text, "proper against each baseline, all test ratings")
     rows = [ln for ln in overall.splitlines() if ln.startswith("| proper - user_mean |")]
-    assert len(rows) == 3 and all(ln.endswith("| better |") for ln in rows)   # user_mean pushed 1.5 off
+    assert [ln.split("|")[2].strip() for ln in rows] == ["s0", "s1", "s2", "pooled"]
+    assert all(ln.endswith("| better |") for ln in rows)   # user_mean pushed 1.5 off
     r1 = R.proper_vs_baselines(R.load_predictions(runs[1]))[0]
     assert rows[1] == (f"| proper - user_mean | s1 | {r1['diff']:+.3f} | {r1['se']:.3f} | "
                        f"[{r1['lo']:+.3f}, {r1['hi']:+.3f}] | better |")
@@ -125,6 +126,31 @@ def test_multi_seed_report_sections(tmp_path):
     assert heads[0].startswith("Profile <=20 (sparse users) - s0: 12 ratings (4 users)")
     counts = _section(text, "Test ratings and users per seed")
     assert "| s0 | 36 (12) | 12 (4) | 12 (4) | 12 (4) |" in counts
+
+
+def test_pooled_contrasts_are_the_seeds_ratings_as_one_sample(tmp_path):
+    from proper.training.results import load_runs, multi_seed_report, pooled_run
+
+    runs = _three_seeds(tmp_path, offsets={"user_mean": 0.3})
+    pooled = pooled_run(load_runs(runs))
+    preds = [R.load_predictions(r) for r in runs]
+    y = np.concatenate([[float(e["target"]) for e in p["examples"]] for p in preds])
+    err = {n: np.abs(np.concatenate([p["systems"][n]["pred"] for p in preds]) - y) for n in ("proper", "user_mean")}
+    row = next(c for c in pooled["contrasts"] if c["scope"] == "all" and c["baseline"] == "user_mean")
+    assert row["diff"] == pytest.approx(float((err["proper"] - err["user_mean"]).mean()), abs=1e-12)
+    assert (row["ratings"], row["users"]) == (108, 36)     # the same user ids in three seeds are three users
+    single = [c["se"] for r in load_runs(runs) for c in r["contrasts"] if c["scope"] == "all"
+              and c["baseline"] == "user_mean"]
+    assert row["se"] < min(single)                          # three times the ratings: a narrower interval
+    buckets = _section(multi_seed_report(runs), "proper against each baseline, by training-profile size (sparse "
+                                                "users first)")
+    sparse = next(ln for ln in buckets.splitlines() if ln.startswith("Profile "))
+    assert sparse.endswith("; pooled: 36 ratings (12 users)")
+    (runs[0] / "predictions.json").unlink()
+    assert pooled_run(load_runs(runs))["contrasts"][0]["ratings"] == 72     # the seeds that have predictions
+    (runs[1] / "predictions.json").unlink()
+    assert pooled_run(load_runs(runs)) is None
+    assert "| pooled |" not in multi_seed_report(runs)
 
 
 def test_multi_seed_report_without_predictions_and_verdict_words(tmp_path):
@@ -224,7 +250,7 @@ def test_multi_seed_report_under_the_median_rule(tmp_path):
     assert f"| user_mean | {um:.3f} |" in summary                    # point predictors keep their own rating
     overall = _section(text, "proper against each baseline, all test ratings")
     rows = [ln for ln in overall.splitlines() if ln.startswith("| proper - ") and "baseline" not in ln]
-    assert len(rows) == 3 * len(R.BASELINES) and all(ln.endswith("| better |") for ln in rows)   # exact proper
+    assert len(rows) == 4 * len(R.BASELINES) and all(ln.endswith("| better |") for ln in rows)   # 3 seeds, pooled
     argmax = multi_seed_report(runs)
     assert "the argmax of the five-rating distribution" in argmax and argmax != text
     (runs[2] / "predictions.json").write_text(json.dumps(
