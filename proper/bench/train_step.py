@@ -10,7 +10,7 @@ Batch: 16 users x 64 tokens. Providers, all on the same model and batch, timed i
                mixed-adapter batch): one forward + backward per user
   ours         proper's user stage: K = 8 frozen experts (r = 16, top-2), a user LoRA (r = 16) per user and the
                LoRA-aware router, all 7 projections, the whole mixed batch in one forward + backward
-With --ablations also ours-recompute and ours-gather: ours with one training-step saving switched off each
+With --ablations also ours-recompute, ours-gather and ours-router-autograd: ours with one training-step saving switched off each
 (see ablation_providers), timed in the same rounds.
 Goal (issue 17): ours <= 1.22x base (16 x 64), <= 1.25x and >= 3.7x faster than peft-loop (64 x 16).
 """
@@ -111,8 +111,11 @@ def ablation_providers(n_users: int, seq: int) -> Dict[str, object]:
     """Ours with one of its training-step savings switched off, for a same-run A/B (``--ablations``):
       ours-recompute  the backward recomputes A x (the forward keeps nothing for it)
       ours-gather     the LoRA-aware router gathers the batch's user rows even when the batch holds the whole table
+      ours-router-autograd  the LoRA-aware router's probe response through autograd's own products (P = 2 as an
+                      inner dimension of every batched GEMM) instead of its hand-ordered Function
     """
     from proper.context import UserBatch
+    from proper.modules.routers import LoRAAwareRouter
     from proper_kernels import op
 
     def patched(obj, name, value):
@@ -130,7 +133,18 @@ def ablation_providers(n_users: int, seq: int) -> Dict[str, object]:
         return make
 
     return {"ours-recompute": patched(op, "_saves", lambda p, backend: False),
-            "ours-gather": patched(UserBatch, "covers_table", property(lambda self: False))}
+            "ours-gather": patched(UserBatch, "covers_table", property(lambda self: False)),
+            "ours-router-autograd": patched(LoRAAwareRouter, "_response", _autograd_probe_response)}
+
+
+def _autograd_probe_response(router, a, b, ranks, scale):
+    """LoRAAwareRouter._response as plain torch products (the form before its Function): same values."""
+    a, b = a.to(router.probes.dtype), b.to(router.probes.dtype)
+    if ranks is not None:
+        keep = torch.arange(a.shape[1], device=a.device)[None, :] < ranks[:, None]
+        a, b = torch.where(keep[:, :, None], a, 0.0), torch.where(keep[:, None, :], b, 0.0)
+    h = torch.matmul(b, torch.matmul(a, router.probes.t())) * scale.to(a.dtype)[:, None, None]
+    return h.transpose(1, 2)
 
 
 @torch.no_grad()
@@ -173,7 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     p.add_argument("--ablations", action="store_true",
-                   help="also time ours with each training-step saving switched off (ours-recompute, ours-gather)")
+                   help="also time ours with each training-step saving switched off (ours-recompute, ours-gather, "
+                        "ours-router-autograd)")
     args = p.parse_args(argv)
     rows = suite_rows(False, args.users, args.seq, args.rounds, args.ablations)
     out = Path(args.out)

@@ -142,3 +142,37 @@ def test_lora_router_over_the_whole_table_matches_the_gather(ids, ranks, monkeyp
     assert grads.keys() == grads_g.keys() and any("lora_router" in n for n in grads)
     for n in grads:
         torch.testing.assert_close(grads[n], grads_g[n], msg=n)
+
+
+def test_lora_aware_router_probe_response_matches_the_formula_forward_and_backward():
+    """The router's hand-ordered products (_ProbeResponse) against plain autograd on the docstring's formula,
+    in float64 (every gradient: a, b, probes, head), heterogeneous ranks included; and torch's gradcheck."""
+    from proper.modules.routers import _ProbeResponse
+
+    torch.manual_seed(0)
+    r = proper.LoRAAwareRouter(d_in=10, d_out=7, num_experts=3, num_probes=2).double()
+    with torch.no_grad():
+        r.head.weight.normal_(0, 0.5)
+        r.head.bias.normal_(0, 0.5)
+    a = torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 7, 4, dtype=torch.float64, requires_grad=True)
+    ranks, scale = torch.tensor([4, 2, 3]), torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+
+    def formula():
+        keep = torch.arange(4)[None, :] < ranks[:, None]
+        am, bm = torch.where(keep[:, :, None], a, 0.0), torch.where(keep[:, None, :], b, 0.0)
+        f = (torch.matmul(bm, torch.matmul(am, r.probes.t())) * scale[:, None, None]).flatten(1)
+        out = r.head(f)
+        return out[:, :-1], 2.0 * torch.sigmoid(out[:, -1]), f
+
+    leaves = [a, b, r.probes, r.head.weight, r.head.bias]
+    dw, ww, fw = formula()
+    gw = torch.autograd.grad((dw.sin().sum() + ww.cos().sum()), leaves)
+    d, w = r(a, b, ranks, scale)
+    g = torch.autograd.grad((d.sin().sum() + w.cos().sum()), leaves)
+    torch.testing.assert_close(r.features(a, b, ranks, scale), fw)
+    torch.testing.assert_close(d, dw)
+    torch.testing.assert_close(w, ww)
+    for got, want in zip(g, gw):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(_ProbeResponse.apply, (a, b, r.probes.detach().requires_grad_()))
