@@ -46,13 +46,14 @@ struct V {
   static inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
     transpose8x8(src, lds, dst, ldd);
   }
-  // out[i] = sum of the lanes of a[i], i < 8, with one hadd tree.
-  static inline void reduce8(const R* a, float* out) {
+  static inline R add(R a, R b) { return _mm256_add_ps(a, b); }
+  // Lane i = the sum of the lanes of a[i], i < 8, with one hadd tree.
+  static inline R reduce_rows(const R* a) {
     const R s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
     const R s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
     const R s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
     const R lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
-    _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
+    return _mm256_add_ps(lo, hi);
   }
 };
 

@@ -56,8 +56,11 @@ struct V {
     for (int r = 0; r < 8; ++r)
       for (int c = 0; c < 8; ++c) dst[c * ldd + r] = src[r * lds + c];
   }
-  static inline void reduce8(const R* a, float* out) {
-    for (int i = 0; i < 8; ++i) out[i] = hsum(a[i]);
+  static inline R add(R a, R b) { return a + b; }
+  static inline R reduce_rows(const R* a) {  // lane i = hsum(a[i]), i < W
+    R r;
+    for (int i = 0; i < W; ++i) r[i] = hsum(a[i]);
+    return r;
   }
 };
 

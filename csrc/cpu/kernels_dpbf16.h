@@ -74,7 +74,7 @@ static void dot_tile_dp(const uint16_t* const* xr, const uint16_t* const* wr, in
 }
 
 // ---------------------------------------------------------------------------------------------- row-dot
-// Y[tok_i, o] += <B[o, 0:rank], bf16(H[slot_i : slot_i + rank])> for o in [o0, o1) (see rowdot_t): 8 rows of B at
+// Y[tok_i, o] += <B[o, 0:rank], bf16(H[slot_i : slot_i + rank])> for o in [o0, o1) (see rowdot_t): 16 rows of B at
 // a time, 32 values of the rank per instruction, H rounded once per entry.
 static void rowdot_bf16h(int /*dt: kBF16*/, const void* bv, int64_t ld, int rank, int64_t o0, int64_t o1,
                          const proper_cpu::Entry* ent,
@@ -94,35 +94,27 @@ static void rowdot_bf16h(int /*dt: kBF16*/, const void* bv, int64_t ld, int rank
       for (int s = 0; s < steps; ++s)
         _mm512_store_si512((void*)(hb[q] + 32 * s), dp_round32(h + 32 * s, rank - 32 * s));
     }
-    for (int64_t o = o0; o < o1; o += 8) {
-      const uint16_t* br[8];
-#pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) br[i] = B + lmin(o + i, o1 - 1) * ld;
-      const int nv = (int)lmin(8, o1 - o);
-      if (q0 == 0 && o + 8 + kRowdotAhead < o1) {  // one sequential stream through B: ask for it well ahead
+    for (int64_t o = o0; o < o1; o += 16) {
+      const uint16_t* br[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) br[i] = B + lmin(o + i, o1 - 1) * ld;
+      const int nv = (int)lmin(16, o1 - o);
+      if (q0 == 0 && o + 16 + kRowdotAhead < o1) {  // one sequential stream through B: ask for it well ahead
         const char* pf = (const char*)(B + (o + kRowdotAhead) * ld);
-        for (int64_t off = 0; off < 8 * ld * 2; off += 64) __builtin_prefetch(pf + off);
+        for (int64_t off = 0; off < 16 * ld * 2; off += 64) __builtin_prefetch(pf + off);
       }
       for (int q = 0; q < nq; ++q) {
-        __m512 acc[8];
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+        __m512 acc[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
         for (int s = 0; s < steps; ++s) {
           const __mmask32 m = dp_mask32(rank - 32 * s);
           const __m512bh hv = dp_bh(_mm512_load_si512((const void*)(hb[q] + 32 * s)));
-#pragma GCC unroll 8
-          for (int i = 0; i < 8; ++i)
+#pragma GCC unroll 16
+          for (int i = 0; i < 16; ++i)
             acc[i] = _mm512_dpbf16_ps(acc[i], dp_bh(_mm512_maskz_loadu_epi16(m, br[i] + 32 * s)), hv);
         }
-        float out[8];
-        V::reduce8(acc, out);
-        float* y = Y + (int64_t)ent[idx[q0 + q]].tok * ldy + o;
-        if (nv == 8) {
-#pragma GCC unroll 8
-          for (int i = 0; i < 8; ++i) y[i] += out[i];
-        } else {
-          for (int i = 0; i < nv; ++i) y[i] += out[i];
-        }
+        add_rows(Y + (int64_t)ent[idx[q0 + q]].tok * ldy + o, V::reduce_rows(acc), nv);
       }
     }
   }

@@ -3,7 +3,8 @@
 // This file is included by each ISA translation unit (isa_avx512.cpp, isa_avx2.cpp, isa_generic.cpp) INSIDE an
 // anonymous namespace, after that unit has defined:
 //   struct V   { static constexpr int W;  typedef ... R;  zero, set1, load(float*|uint16*), load_n(ptr, n),
-//                fma(a, b, c) = a*b + c, store, store_n, hsum, reduce8(const R[8], float[8]) };
+//                fma(a, b, c) = a*b + c, add, store, store_n, hsum,
+//                reduce_rows(const R[W]) -> R: lane i = the sum of the lanes of a[i] };
 //   struct Cfg { tile sizes, see below };
 // It includes nothing (see kernels.h for why) and must only use plain C types.
 //
@@ -233,50 +234,51 @@ static void bshrink_t(const TI* dy, int64_t O, const TI* b, int64_t ldb, int ran
 
 // ---------------------------------------------------------------------------------------------- row-dot
 // Y[tok_i, o] += <B[o, 0:rank], H[slot_i : slot_i + rank]> for o in [o0, o1): the expand of a group with few
-// tokens (no packing). 8 output rows at a time, vectorised along the rank, one 8-way reduction per 8 outputs;
-// rows past o1 are clamped (computed twice, stored once) so every output goes through the same code.
+// tokens (no packing). W output rows at a time, vectorised along the rank; one transposing reduction turns the W
+// row accumulators into one vector of W outputs, added into Y with one vector add (a decode step's expand is
+// all rows of rank <= 16, one vector each: a horizontal sum and a scalar add per row made it compute-bound at
+// half the read bandwidth). Rows past o1 are clamped (computed twice, stored once) so every output goes through
+// the same code.
 constexpr int64_t kRowdotAhead = 64;  // rows of B prefetched ahead (4 KiB for rank-16 fp32 rows)
 
+// y[0 : nv) += s[0 : nv) (nv <= W), the vector add of a row block's outputs
+static inline void add_rows(float* y, VR s, int nv) {
+  if (nv == V::W) V::store(y, V::add(V::load(y), s));
+  else V::store_n(y, V::add(V::load_n(y, nv), s), nv);
+}
 
 template <class TI>
 static void rowdot_t(const TI* B, int64_t ld, int rank, int64_t o0, int64_t o1, const proper_cpu::Entry* ent,
                      const int32_t* idx, int n, const float* H, float* Y, int64_t ldy) {
-  for (int64_t o = o0; o < o1; o += 8) {
-    const TI* br[8];
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) br[i] = B + lmin(o + i, o1 - 1) * ld;
-    const int nv = (int)lmin(8, o1 - o);
-    if (o + 8 + kRowdotAhead < o1) {  // one sequential stream through B: ask for it well ahead
+  constexpr int W = V::W;
+  for (int64_t o = o0; o < o1; o += W) {
+    const TI* br[W];
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) br[i] = B + lmin(o + i, o1 - 1) * ld;
+    const int nv = (int)lmin(W, o1 - o);
+    if (o + W + kRowdotAhead < o1) {  // one sequential stream through B: ask for it well ahead
       const char* pf = (const char*)(B + (o + kRowdotAhead) * ld);
-      for (int64_t off = 0; off < 8 * ld * (int64_t)sizeof(TI); off += 64) __builtin_prefetch(pf + off);
+      for (int64_t off = 0; off < W * ld * (int64_t)sizeof(TI); off += 64) __builtin_prefetch(pf + off);
     }
     for (int q = 0; q < n; ++q) {
       const proper_cpu::Entry& e = ent[idx[q]];
       const float* h = H + e.slot;
-      VR acc[8];
-#pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) acc[i] = V::zero();
+      VR acc[W];
+#pragma GCC unroll 16
+      for (int i = 0; i < W; ++i) acc[i] = V::zero();
       int j = 0;
-      for (; j + V::W <= rank; j += V::W) {
+      for (; j + W <= rank; j += W) {
         const VR hv = V::load(h + j);
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) acc[i] = V::fma(V::load(br[i] + j), hv, acc[i]);
+#pragma GCC unroll 16
+        for (int i = 0; i < W; ++i) acc[i] = V::fma(V::load(br[i] + j), hv, acc[i]);
       }
       if (j < rank) {
         const int nn = rank - j;
         const VR hv = V::load_n(h + j, nn);
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) acc[i] = V::fma(V::load_n(br[i] + j, nn), hv, acc[i]);
+#pragma GCC unroll 16
+        for (int i = 0; i < W; ++i) acc[i] = V::fma(V::load_n(br[i] + j, nn), hv, acc[i]);
       }
-      float out[8];
-      V::reduce8(acc, out);
-      float* y = Y + (int64_t)e.tok * ldy + o;
-      if (nv == 8) {
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) y[i] += out[i];
-      } else {
-        for (int i = 0; i < nv; ++i) y[i] += out[i];
-      }
+      add_rows(Y + (int64_t)e.tok * ldy + o, V::reduce_rows(acc), nv);
     }
   }
 }

@@ -10,8 +10,8 @@ Batch: 16 users x 64 tokens. Providers, all on the same model and batch, timed i
                mixed-adapter batch): one forward + backward per user
   ours         proper's user stage: K = 8 frozen experts (r = 16, top-2), a user LoRA (r = 16) per user and the
                LoRA-aware router, all 7 projections, the whole mixed batch in one forward + backward
-With --ablations also ours-recompute, ours-gather and ours-router-autograd: ours with one training-step saving switched off each
-(see ablation_providers), timed in the same rounds.
+With --ablations also ours-recompute, ours-gather and ours-router-autograd: ours (the same model) with one
+training-step saving switched off each (see ablation_providers), timed in the same rounds.
 Goal (issue 17): ours <= 1.22x base (16 x 64), <= 1.25x and >= 3.7x faster than peft-loop (64 x 16).
 """
 from __future__ import annotations
@@ -107,8 +107,10 @@ def make_providers(n_users: int, seq: int, rank: int = 16, K: int = 8, top_k: in
     return {"base": base, "ours": ours, "peft-single": peft_single, "peft-loop": peft_loop}
 
 
-def ablation_providers(n_users: int, seq: int) -> Dict[str, object]:
-    """Ours with one of its training-step savings switched off, for a same-run A/B (``--ablations``):
+def ablation_providers(ours_step) -> Dict[str, object]:
+    """Ours with one of its training-step savings switched off, for a same-run A/B (``--ablations``), each a runner
+    of ``ours_step`` itself (the same model and batch: the A/B differs in the switch alone, and no extra model's
+    user tables sit in memory):
       ours-recompute  the backward recomputes A x (the forward keeps nothing for it)
       ours-gather     the LoRA-aware router gathers the batch's user rows even when the batch holds the whole table
       ours-router-autograd  the LoRA-aware router's probe response through autograd's own products (P = 2 as an
@@ -119,18 +121,14 @@ def ablation_providers(n_users: int, seq: int) -> Dict[str, object]:
     from proper_kernels import op
 
     def patched(obj, name, value):
-        def make():
-            step = make_providers(n_users, seq)["ours"]()
-
-            def run():
-                before = obj.__dict__[name]
-                setattr(obj, name, value)
-                try:
-                    step()
-                finally:
-                    setattr(obj, name, before)
-            return run
-        return make
+        def run():
+            before = obj.__dict__[name]
+            setattr(obj, name, value)
+            try:
+                ours_step()
+            finally:
+                setattr(obj, name, before)
+        return run
 
     return {"ours-recompute": patched(op, "_saves", lambda p, backend: False),
             "ours-gather": patched(UserBatch, "covers_table", property(lambda self: False)),
@@ -166,8 +164,9 @@ def suite_rows(quick: bool = False, n_users: int = 16, seq: int = 64, rounds: in
     on the shared machine hits every provider alike and the ratios stay meaningful."""
     if quick:
         return []      # a SmolLM2 training step per provider takes too long for the quick subset
-    makers = dict(make_providers(n_users, seq), **(ablation_providers(n_users, seq) if ablations else {}))
-    steps = {name: make() for name, make in makers.items()}
+    steps = {name: make() for name, make in make_providers(n_users, seq).items()}
+    if ablations:
+        steps.update(ablation_providers(steps["ours"]))
     times = interleaved_times(steps, rounds, warmup=1, progress=True)
     rows = []
     for name, fn in steps.items():
