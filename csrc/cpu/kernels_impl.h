@@ -247,40 +247,56 @@ static inline void add_rows(float* y, VR s, int nv) {
   else V::store_n(y, V::add(V::load_n(y, nv), s), nv);
 }
 
+// One block of W output rows [o, o + W) starting at row pointer b0; FULL: all W rows are in [o0, o1), else the
+// rows past nv repeat row nv - 1 (computed, not stored). A full block walks its rows with one pointer (each row
+// one add, one load, one FMA per rank chunk) instead of W clamped row pointers, which spilled.
+template <bool FULL, class TI>
+static inline void rowdot_block(const TI* b0, int64_t ld, int rank, int nv, const proper_cpu::Entry* ent,
+                                const int32_t* idx, int n, const float* H, float* Y, int64_t ldy, int64_t o) {
+  constexpr int W = V::W;
+  for (int q = 0; q < n; ++q) {
+    const proper_cpu::Entry& e = ent[idx[q]];
+    const float* h = H + e.slot;
+    VR acc[W];
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) acc[i] = V::zero();
+    int j = 0;
+    for (; j + W <= rank; j += W) {
+      const VR hv = V::load(h + j);
+      const TI* p = b0 + j;
+#pragma GCC unroll 16
+      for (int i = 0; i < W; ++i) {
+        acc[i] = V::fma(V::load(p), hv, acc[i]);
+        if (FULL || i + 1 < nv) p += ld;
+      }
+    }
+    if (j < rank) {
+      const int nn = rank - j;
+      const VR hv = V::load_n(h + j, nn);
+      const TI* p = b0 + j;
+#pragma GCC unroll 16
+      for (int i = 0; i < W; ++i) {
+        acc[i] = V::fma(V::load_n(p, nn), hv, acc[i]);
+        if (FULL || i + 1 < nv) p += ld;
+      }
+    }
+    add_rows(Y + (int64_t)e.tok * ldy + o, V::reduce_rows(acc), nv);
+  }
+}
+
 template <class TI>
 static void rowdot_t(const TI* B, int64_t ld, int rank, int64_t o0, int64_t o1, const proper_cpu::Entry* ent,
                      const int32_t* idx, int n, const float* H, float* Y, int64_t ldy) {
   constexpr int W = V::W;
-  for (int64_t o = o0; o < o1; o += W) {
-    const TI* br[W];
-#pragma GCC unroll 16
-    for (int i = 0; i < W; ++i) br[i] = B + lmin(o + i, o1 - 1) * ld;
-    const int nv = (int)lmin(W, o1 - o);
+  int64_t o = o0;
+  for (; o + W <= o1; o += W) {
     if (o + W + kRowdotAhead < o1) {  // one sequential stream through B: ask for it well ahead
       const char* pf = (const char*)(B + (o + kRowdotAhead) * ld);
       for (int64_t off = 0; off < W * ld * (int64_t)sizeof(TI); off += 64) __builtin_prefetch(pf + off);
     }
-    for (int q = 0; q < n; ++q) {
-      const proper_cpu::Entry& e = ent[idx[q]];
-      const float* h = H + e.slot;
-      VR acc[W];
-#pragma GCC unroll 16
-      for (int i = 0; i < W; ++i) acc[i] = V::zero();
-      int j = 0;
-      for (; j + W <= rank; j += W) {
-        const VR hv = V::load(h + j);
-#pragma GCC unroll 16
-        for (int i = 0; i < W; ++i) acc[i] = V::fma(V::load(br[i] + j), hv, acc[i]);
-      }
-      if (j < rank) {
-        const int nn = rank - j;
-        const VR hv = V::load_n(h + j, nn);
-#pragma GCC unroll 16
-        for (int i = 0; i < W; ++i) acc[i] = V::fma(V::load_n(br[i] + j, nn), hv, acc[i]);
-      }
-      add_rows(Y + (int64_t)e.tok * ldy + o, V::reduce_rows(acc), nv);
-    }
+    rowdot_block<true, TI>(B + o * ld, ld, rank, W, ent, idx, n, H, Y, ldy, o);
   }
+  if (o < o1) rowdot_block<false, TI>(B + o * ld, ld, rank, (int)(o1 - o), ent, idx, n, H, Y, ldy, o);
 }
 
 #ifdef PK_DPBF16
