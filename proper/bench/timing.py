@@ -34,9 +34,12 @@ def measure(fn: Callable[[], object], *, warmup: int = 2, min_reps: int = 5, min
 
 
 def interleaved_times(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 1,
-                      progress: bool = False) -> Dict[str, List[float]]:
+                      progress: bool = False, alternate: bool = False) -> Dict[str, List[float]]:
     """Wall seconds of each ``fns[name]()`` over ``reps`` rounds that call every fn once, after ``warmup`` calls
-    each: a burst of load on a shared machine then hits every set-up alike, so their ratios stay meaningful."""
+    each: a burst of load on a shared machine then hits every set-up alike, so their ratios stay meaningful.
+    ``alternate``: odd rounds call the set-ups in reverse order, so no set-up always runs right after the same
+    other one (what one leaves behind, freed memory or evicted caches, then falls on each side alike)."""
+    names = list(fns)
     rounds = range(reps)
     if progress:
         from tqdm.auto import tqdm
@@ -46,12 +49,32 @@ def interleaved_times(fns: Dict[str, Callable[[], object]], reps: int, warmup: i
         for _ in range(warmup):
             fn()
     times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in rounds:
-        for name, fn in fns.items():
+    for r in rounds:
+        for name in (names[::-1] if alternate and r % 2 else names):
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def paired_ratios(times: Dict[str, List[float]], base: str, resamples: int = 2000,
+                  seed: int = 0) -> Dict[str, Dict[str, float]]:
+    """Each set-up's time over ``base``'s, round by round (interleaved_times: both ran in the same round, so a
+    burst of load on a shared machine mostly hits both): the median of the per-round ratios, and a 95% percentile
+    bootstrap interval of that median (seeded; with few rounds it is as wide as the rounds disagree). On a machine
+    whose speed drifts between rounds this is steadier than a ratio of the two medians, which pairs nothing.
+    {name: {"median", "lo", "hi", "rounds"}}."""
+    import numpy as np
+
+    b = np.asarray(times[base], dtype=float)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, t in times.items():
+        r = np.asarray(t, dtype=float) / b
+        meds = np.median(rng.choice(r, size=(resamples, len(r)), replace=True), axis=1)
+        out[name] = {"median": float(np.median(r)), "lo": float(np.percentile(meds, 2.5)),
+                     "hi": float(np.percentile(meds, 97.5)), "rounds": len(r)}
+    return out
 
 
 def _set_mmap_threshold(nbytes: int) -> None:

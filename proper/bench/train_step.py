@@ -27,7 +27,7 @@ import torch
 
 import proper
 
-from .timing import interleaved_times, peak_memory_mb
+from .timing import interleaved_times, paired_ratios, peak_memory_mb
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -167,11 +167,14 @@ def suite_rows(quick: bool = False, n_users: int = 16, seq: int = 64, rounds: in
     steps = {name: make() for name, make in make_providers(n_users, seq).items()}
     if ablations:
         steps.update(ablation_providers(steps["ours"]))
-    times = interleaved_times(steps, rounds, warmup=1, progress=True)
+    times = interleaved_times(steps, rounds, warmup=1, progress=True, alternate=True)
+    paired = paired_ratios(times, "base")
     rows = []
     for name, fn in steps.items():
+        pr = paired[name]
         rows.append({"case": f"train step SmolLM2 {n_users} users x {seq} tokens", "provider": name,
                      "ms": 1e3 * statistics.median(times[name]), "min_ms": 1e3 * min(times[name]), "reps": rounds,
+                     "x_vs_base_paired": pr["median"], "x_vs_base_lo": pr["lo"], "x_vs_base_hi": pr["hi"],
                      "peak_mb": peak_memory_mb(fn)})
     base = next(r["ms"] for r in rows if r["provider"] == "base")
     for r in rows:
@@ -194,9 +197,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_step.json").write_text(json.dumps(rows, indent=2))
     loop = next(r["ms"] for r in rows if r["provider"] == "peft-loop")
-    lines = ["| provider | ms | x vs base | x faster than peft-loop | peak MB |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['provider']} | {r['ms']:.0f} | {r['x_vs_base']:.2f} | {loop / r['ms']:.2f} | {r['peak_mb']:.0f} |"
+    lines = ["| provider | ms | x vs base | paired x base [95%] | x faster than peft-loop | peak MB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['provider']} | {r['ms']:.0f} | {r['x_vs_base']:.2f} | {r['x_vs_base_paired']:.2f} "
+              f"[{r['x_vs_base_lo']:.2f}, {r['x_vs_base_hi']:.2f}] | {loop / r['ms']:.2f} | {r['peak_mb']:.0f} |"
               for r in rows]
+    lines += ["", f"Medians of {args.rounds} interleaved rounds (odd rounds in reverse order); paired: the median of "
+              "each round's ratio to that round's base, with a 95% bootstrap interval."]
     (out / "train_step.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -57,6 +57,22 @@ def test_interleaved_times_alternates_the_setups():
     t = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3, warmup=1)
     assert calls == ["a", "b"] + ["a", "b"] * 3
     assert {k: len(v) for k, v in t.items()} == {"a": 3, "b": 3} and all(x >= 0 for v in t.values() for x in v)
+    calls.clear()
+    interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3, warmup=0,
+                      alternate=True)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+
+
+def test_paired_ratios_pair_each_round_with_the_base():
+    from proper.bench.timing import paired_ratios
+
+    # the machine doubles its speed between rounds; "x" is always 1.5x base in its own round
+    times = {"base": [2.0, 1.0, 2.0, 1.0, 2.0], "x": [3.0, 1.5, 3.0, 1.5, 3.0], "y": [2.0, 2.0, 2.0, 2.0, 2.0]}
+    r = paired_ratios(times, "base")
+    assert r["base"] == {"median": 1.0, "lo": 1.0, "hi": 1.0, "rounds": 5}
+    assert r["x"]["median"] == r["x"]["lo"] == r["x"]["hi"] == 1.5      # a ratio of medians would say 1.5 too,
+    assert r["y"]["median"] == 1.0 and r["y"]["lo"] == 1.0 and r["y"]["hi"] == 2.0   # but not this spread
+    assert paired_ratios(times, "base") == r                            # seeded
 
 
 def test_cold_cases_rows_and_table(monkeypatch, tmp_path):
