@@ -16,7 +16,7 @@ Every provider runs --reps times, interleaved (base, proper..., peft, then the r
 on a shared machine hit them alike; the verdicts use the median of each round's ratio to that round's base
 (proper.bench.timing.paired_ratios, with a bootstrap interval), measured in this one run. Goals (issue 17):
 proper <= 1.35x base and >= 2.3x faster than peft. If the goal is missed, a torch.profiler table of one proper
-generate is written too (where the time goes). Results: <out>/bench_generate.json and .md.
+generate is written too (where the time goes). Results: <out>/bench_generate.json, .md and .png.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import proper
 import proper_kernels as pk
 
 from .serving import LLAMA7, build_peft_mixed, build_proper_serving, demo_prompts
-from .timing import interleaved_times, paired_ratios
+from .timing import interleaved_times, paired_ratios, plot_paired
 
 GOAL_VS_BASE = 1.35
 GOAL_VS_PEFT = 2.3
@@ -195,6 +195,8 @@ def main(argv=None) -> int:
         res["profile"]["base_total_ms"] = pb["total_ms"]
 
     (out / "bench_generate.json").write_text(json.dumps(res, indent=2))
+    plot_paired(paired, out / "bench_generate.png", f"SmolLM2 generate, {args.prompts} users x {args.new_tokens} new "
+                f"tokens, {torch.get_num_threads()} threads", goal=GOAL_VS_BASE)
     md = markdown(res)
     (out / "bench_generate.md").write_text(md)
     print(md)

@@ -139,3 +139,31 @@ def write_results(out, name: str, result, markdown_text: str) -> None:
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     (out / f"{name}.md").write_text(markdown_text)
     print(markdown_text)
+
+
+def plot_paired(paired: Dict[str, Dict[str, float]], path, title: str, goal: float | None = None) -> None:
+    """A PNG of paired_ratios: one bar per set-up (its median ratio to base), the 95% interval as an error bar,
+    base (1.0) and the goal as vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(paired)[::-1]
+    med = [paired[n]["median"] for n in names]
+    err = [[paired[n]["median"] - paired[n]["lo"] for n in names], [paired[n]["hi"] - paired[n]["median"] for n in names]]
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(names) + 1.4))
+    ax.barh(names, med, xerr=err, color="#4C72B0", capsize=3)
+    ax.axvline(1.0, color="black", lw=1)
+    if goal is not None:
+        ax.axvline(goal, color="#C44E52", ls="--", lw=1.2, label=f"goal {goal:g}x")
+        ax.legend(loc="upper right", fontsize=8)
+    right = max(paired[n]["hi"] for n in names)
+    for y, n in enumerate(names):
+        ax.text(paired[n]["hi"] + 0.01 * right, y, f" {paired[n]['median']:.2f}", va="center", fontsize=8)
+    ax.set_xlim(0, 1.12 * right)
+    ax.set_xlabel("time / base time, per interleaved round (median, 95% bootstrap interval)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -27,7 +27,7 @@ import torch
 
 import proper
 
-from .timing import interleaved_times, paired_ratios, peak_memory_mb
+from .timing import interleaved_times, paired_ratios, peak_memory_mb, plot_paired
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -205,8 +205,17 @@ def main(argv=None) -> int:
     lines += ["", f"Medians of {args.rounds} interleaved rounds (odd rounds in reverse order); paired: the median of "
               "each round's ratio to that round's base, with a 95% bootstrap interval."]
     (out / "train_step.md").write_text("\n".join(lines) + "\n")
+    plot_rows(rows, out / "train_step.png")
     print("\n".join(lines))
     return 0
+
+
+def plot_rows(rows: List[Dict[str, object]], path) -> None:
+    """train_step.png: each provider's paired ratio to base with its interval, and the goal of its batch shape."""
+    paired = {r["provider"]: {"median": r["x_vs_base_paired"], "lo": r["x_vs_base_lo"], "hi": r["x_vs_base_hi"]}
+              for r in rows}
+    goal = 1.22 if "16 users x 64" in str(rows[0]["case"]) else 1.25 if "64 users x 16" in str(rows[0]["case"]) else None
+    plot_paired(paired, path, str(rows[0]["case"]), goal=goal)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,13 @@ def test_paired_ratios_pair_each_round_with_the_base():
     assert paired_ratios(times, "base") == r                            # seeded
 
 
+def test_plot_paired_writes_a_png(tmp_path):
+    from proper.bench.timing import paired_ratios, plot_paired
+
+    plot_paired(paired_ratios({"base": [1.0, 2.0], "x": [1.3, 2.4]}, "base"), tmp_path / "p.png", "t", goal=1.25)
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cold_cases_rows_and_table(monkeypatch, tmp_path):
     """The beyond-the-caches cases: one row per case x dtype x provider, floors from the same rounds, each copy of
     the problem used in turn; the suite's table shows them; bad --dtypes / --cases are named."""
