@@ -151,7 +151,8 @@ def plot_paired(paired: Dict[str, Dict[str, float]], path, title: str, goal: flo
 
     names = list(paired)[::-1]
     med = [paired[n]["median"] for n in names]
-    err = [[paired[n]["median"] - paired[n]["lo"] for n in names], [paired[n]["hi"] - paired[n]["median"] for n in names]]
+    err = [[paired[n]["median"] - paired[n]["lo"] for n in names],
+           [paired[n]["hi"] - paired[n]["median"] for n in names]]
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(names) + 1.4))
     ax.barh(names, med, xerr=err, color="#4C72B0", capsize=3)
     ax.axvline(1.0, color="black", lw=1)

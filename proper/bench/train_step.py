@@ -214,8 +214,9 @@ def plot_rows(rows: List[Dict[str, object]], path) -> None:
     """train_step.png: each provider's paired ratio to base with its interval, and the goal of its batch shape."""
     paired = {r["provider"]: {"median": r["x_vs_base_paired"], "lo": r["x_vs_base_lo"], "hi": r["x_vs_base_hi"]}
               for r in rows}
-    goal = 1.22 if "16 users x 64" in str(rows[0]["case"]) else 1.25 if "64 users x 16" in str(rows[0]["case"]) else None
-    plot_paired(paired, path, str(rows[0]["case"]), goal=goal)
+    case = str(rows[0]["case"])
+    goal = 1.22 if "16 users x 64" in case else 1.25 if "64 users x 16" in case else None
+    plot_paired(paired, path, case, goal=goal)
 
 
 if __name__ == "__main__":

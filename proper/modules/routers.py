@@ -156,9 +156,10 @@ class _ProbeResponse(torch.autograd.Function):
     probes q [P, d_in] -> [B, P, d_out].
 
     Why a Function: P is 2, and every product autograd derives for `torch.bmm(b, a @ q^T)` has an inner or outer
-    dimension of P, which torch's batched GEMM runs 4-5x below the bandwidth it reaches with the d_out dimension
-    innermost. This orders each of the four products so (a 64-user batch's training step spent 13% over the
-    base model in this router before)."""
+    dimension of P, where torch's batched GEMM is far from the bandwidth it reaches with d_out innermost. This
+    orders each of the four products so. Measured on one layer's 7 SmolLM2 projections, forward + backward with
+    gradients: 13.2 against 14.9 ms at 64 users, equal at 16 (the rest is the full [U, r, d] gradients it must
+    write; the router is about a tenth of a 64-user x 16-token training step)."""
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, q: Tensor) -> Tensor:
