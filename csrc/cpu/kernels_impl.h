@@ -236,9 +236,9 @@ static void bshrink_t(const TI* dy, int64_t O, const TI* b, int64_t ldb, int ran
 // Y[tok_i, o] += <B[o, 0:rank], H[slot_i : slot_i + rank]> for o in [o0, o1): the expand of a group with few
 // tokens (no packing). W output rows at a time, vectorised along the rank; one transposing reduction turns the W
 // row accumulators into one vector of W outputs, added into Y with one vector add (a decode step's expand is
-// all rows of rank <= 16, one vector each: a horizontal sum and a scalar add per row made it compute-bound at
-// half the read bandwidth). Rows past o1 are clamped (computed twice, stored once) so every output goes through
-// the same code.
+// all rows of rank <= 16, one vector each, and a horizontal sum and scalar add per row cost more than the row's
+// load and FMA). Rows past o1 are clamped (computed twice, stored once) so every output goes through the same
+// code.
 constexpr int64_t kRowdotAhead = 64;  // rows of B prefetched ahead (4 KiB for rank-16 fp32 rows)
 
 // y[0 : nv) += s[0 : nv) (nv <= W), the vector add of a row block's outputs
