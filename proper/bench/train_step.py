@@ -21,7 +21,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -30,6 +30,7 @@ import proper
 from .timing import interleaved_times, paired_ratios, peak_memory_mb, plot_paired
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GOALS = {(16, 64): 1.22, (64, 16): 1.25}   # issue 17: ours / base at (users, tokens per user)
 
 
 def _batch(tok, n_users: int, seq: int, seed: int = 0):
@@ -117,7 +118,7 @@ def ablation_providers(ours_step) -> Dict[str, object]:
                       inner dimension of every batched GEMM) instead of its hand-ordered Function
     """
     from proper.context import UserBatch
-    from proper.modules.routers import LoRAAwareRouter
+    from proper.modules import routers
     from proper_kernels import op
 
     def patched(obj, name, value):
@@ -132,17 +133,16 @@ def ablation_providers(ours_step) -> Dict[str, object]:
 
     return {"ours-recompute": patched(op, "_saves", lambda p, backend: False),
             "ours-gather": patched(UserBatch, "covers_table", property(lambda self: False)),
-            "ours-router-autograd": patched(LoRAAwareRouter, "_response", _autograd_probe_response)}
+            "ours-router-autograd": patched(routers, "_ProbeResponse", AutogradProbeResponse)}
 
 
-def _autograd_probe_response(router, a, b, ranks, scale):
-    """LoRAAwareRouter._response as plain torch products (the form before its Function): same values."""
-    a, b = a.to(router.probes.dtype), b.to(router.probes.dtype)
-    if ranks is not None:
-        keep = torch.arange(a.shape[1], device=a.device)[None, :] < ranks[:, None]
-        a, b = torch.where(keep[:, :, None], a, 0.0), torch.where(keep[:, None, :], b, 0.0)
-    h = torch.matmul(b, torch.matmul(a, router.probes.t())) * scale.to(a.dtype)[:, None, None]
-    return h.transpose(1, 2)
+class AutogradProbeResponse:
+    """The router's _ProbeResponse products left to torch autograd (the form before the Function): same values;
+    the rank masking and scaling around them are the router's own in both."""
+
+    @staticmethod
+    def apply(a, b, q):
+        return torch.matmul(b, torch.matmul(a, q.t())).transpose(1, 2)
 
 
 @torch.no_grad()
@@ -205,18 +205,16 @@ def main(argv=None) -> int:
     lines += ["", f"Medians of {args.rounds} interleaved rounds (odd rounds in reverse order); paired: the median of "
               "each round's ratio to that round's base, with a 95% bootstrap interval."]
     (out / "train_step.md").write_text("\n".join(lines) + "\n")
-    plot_rows(rows, out / "train_step.png")
+    plot_rows(rows, out / "train_step.png", GOALS.get((args.users, args.seq)))
     print("\n".join(lines))
     return 0
 
 
-def plot_rows(rows: List[Dict[str, object]], path) -> None:
-    """train_step.png: each provider's paired ratio to base with its interval, and the goal of its batch shape."""
+def plot_rows(rows: List[Dict[str, object]], path, goal: Optional[float] = None) -> None:
+    """train_step.png: each provider's paired ratio to base with its interval, and the goal (GOALS) as a line."""
     paired = {r["provider"]: {"median": r["x_vs_base_paired"], "lo": r["x_vs_base_lo"], "hi": r["x_vs_base_hi"]}
               for r in rows}
-    case = str(rows[0]["case"])
-    goal = 1.22 if "16 users x 64" in case else 1.25 if "64 users x 16" in case else None
-    plot_paired(paired, path, case, goal=goal)
+    plot_paired(paired, path, str(rows[0]["case"]), goal=goal)
 
 
 if __name__ == "__main__":
