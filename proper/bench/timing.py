@@ -85,6 +85,26 @@ def _set_mmap_threshold(nbytes: int) -> None:
         pass
 
 
+MALLOC_MODES = ("default", "reuse")
+
+
+def reuse_freed_memory() -> bool:
+    """glibc malloc keeps freed memory for reuse, as a caching allocator does: no block gets a mapping of its own
+    (``M_MMAP_MAX`` 0) and the heap is never trimmed (``M_TRIM_THRESHOLD`` at its largest). Process-wide and
+    one-way, so only a benchmark's ``main`` calls it (``--malloc reuse``), never the library. Why: with glibc's
+    defaults a large tensor (an op's 8 MB output, a training step's 200 MB of logits) is a fresh mapping whose
+    pages fault in on first touch, unless a free hole of the heap happens to fit it, so the same call is fast in
+    one process and slow in the next (measured: prefill-cold bf16 4.3 or 6.2 ms by process; the same
+    cross-entropy 53 or 270 ms). Users get the same policy from the environment:
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647``. False where this is not
+    glibc (nothing changed)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 2 ** 31 - 1))  # M_MMAP_MAX, M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def rss_bytes() -> int:
     """This process's resident set now (Linux /proc)."""
     with open("/proc/self/statm") as f:
