@@ -74,12 +74,91 @@ static void dot_tile_dp(const uint16_t* const* xr, const uint16_t* const* wr, in
 }
 
 // ---------------------------------------------------------------------------------------------- row-dot
+// rank <= 16 (users' and experts' usual ranks): a rank-16 bf16 row is half a vector, so each instruction takes two
+// rows of B (row 2k in the low 256 bits, row 2k + 1 in the high) against H's 16 values duplicated in both halves,
+// and 32 rows make 16 accumulators. The first three levels of the transposing tree (V::reduce_rows) leave each
+// lane with the sum of one half, i.e. of one row: rows 16i + [0 2 4 6 1 3 5 7 8 10 12 14 9 11 13 15] in vector
+// i, which one permutation puts in order. Half the loads, products and reductions of one row per instruction.
+static inline __m512i dp_dup16(const float* h, int rank) {  // bf16(h[0:rank]) in both halves, zero past rank
+  const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(dp_mask16(rank), h));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(b), b, 1);
+}
+
+template <bool CONTIG>  // CONTIG: ld == 16, so rows 2k and 2k + 1 are one 64-byte load
+static inline __m512i dp_rows2(const uint16_t* r0, const uint16_t* r1, __mmask16 m) {
+  if (CONTIG) return _mm512_maskz_loadu_epi16((__mmask32)m | ((__mmask32)m << 16), r0);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi16(m, r0)), _mm256_maskz_loadu_epi16(m, r1),
+                            1);
+}
+
+// 16 accumulators of row pairs -> the 32 row sums, in order, in r[0] (rows 0-15) and r[1] (rows 16-31)
+static inline void dp_reduce_pairs(const __m512* a, __m512* r) {
+  __m512 s[8], t[4];
+  for (int i = 0; i < 8; ++i)
+    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d p = _mm512_castps_pd(s[2 * i]), q = _mm512_castps_pd(s[2 * i + 1]);
+    t[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+  }
+  const __m512i order = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+  for (int i = 0; i < 2; ++i)
+    r[i] = _mm512_permutexvar_ps(order, _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                                                      _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD)));
+}
+
+template <bool CONTIG>
+static void rowdot_pairs16(const uint16_t* B, int64_t ld, int rank, int64_t o0, int64_t o1,
+                           const proper_cpu::Entry* ent, const int32_t* idx, int n, const float* H, float* Y,
+                           int64_t ldy) {
+  const __mmask16 m = dp_mask16(rank);
+  constexpr int kQ = 4;  // entries whose rounded H is held at a time
+  for (int q0 = 0; q0 < n; q0 += kQ) {
+    const int nq = imin(kQ, n - q0);
+    __m512i hv[kQ];
+    for (int q = 0; q < nq; ++q) hv[q] = dp_dup16(H + ent[idx[q0 + q]].slot, rank);
+    for (int64_t o = o0; o < o1; o += 32) {
+      const int nv = (int)lmin(32, o1 - o);
+      const uint16_t* br[32];  // full blocks: one pointer, rows 2k, 2k + 1 at offsets; the last: clamped rows
+#pragma GCC unroll 32
+      for (int i = 0; i < 32; ++i) br[i] = B + (nv == 32 ? o + i : lmin(o + i, o1 - 1)) * ld;
+      if (q0 == 0 && o + 32 + kRowdotAhead < o1) {  // one sequential stream through B: ask for it well ahead
+        const char* pf = (const char*)(B + (o + kRowdotAhead) * ld);
+        for (int64_t off = 0; off < 32 * ld * 2; off += 64) __builtin_prefetch(pf + off);
+      }
+      for (int q = 0; q < nq; ++q) {
+        __m512 acc[16];
+        if (CONTIG && nv == 32) {  // (a clamped block's single loads would read past row o1 - 1)
+#pragma GCC unroll 16
+          for (int k = 0; k < 16; ++k)
+            acc[k] = _mm512_dpbf16_ps(_mm512_setzero_ps(), dp_bh(dp_rows2<true>(br[2 * k], br[2 * k + 1], m)),
+                                      dp_bh(hv[q]));
+        } else {
+#pragma GCC unroll 16
+          for (int k = 0; k < 16; ++k)
+            acc[k] = _mm512_dpbf16_ps(_mm512_setzero_ps(), dp_bh(dp_rows2<false>(br[2 * k], br[2 * k + 1], m)),
+                                      dp_bh(hv[q]));
+        }
+        __m512 r[2];
+        dp_reduce_pairs(acc, r);
+        float* y = Y + (int64_t)ent[idx[q0 + q]].tok * ldy + o;
+        add_rows(y, r[0], imin(16, nv));
+        if (nv > 16) add_rows(y + 16, r[1], nv - 16);
+      }
+    }
+  }
+}
+
 // Y[tok_i, o] += <B[o, 0:rank], bf16(H[slot_i : slot_i + rank])> for o in [o0, o1) (see rowdot_t): 16 rows of B at
-// a time, 32 values of the rank per instruction, H rounded once per entry.
+// a time, 32 values of the rank per instruction, H rounded once per entry; rank <= 16: rowdot_pairs16.
 static void rowdot_bf16h(int /*dt: kBF16*/, const void* bv, int64_t ld, int rank, int64_t o0, int64_t o1,
                          const proper_cpu::Entry* ent,
                          const int32_t* idx, int n, const float* H, float* Y, int64_t ldy) {
   const uint16_t* B = (const uint16_t*)bv;
+  if (rank <= 16) {
+    if (ld == 16) rowdot_pairs16<true>(B, ld, rank, o0, o1, ent, idx, n, H, Y, ldy);
+    else rowdot_pairs16<false>(B, ld, rank, o0, o1, ent, idx, n, H, Y, ldy);
+    return;
+  }
   if (rank > kDpMaxRank) {  // (the rounded copies of H would not fit on the stack)
     rowdot_t<uint16_t>(B, ld, rank, o0, o1, ent, idx, n, H, Y, ldy);
     return;
