@@ -9,7 +9,8 @@
 // Forward:  H[e] = coef_e * A_g x[t]          (shrink: per chunk of user-sorted tokens, one task per group)
 //           y[t] = sum_e B_g H[e]            (expand: per chunk x block of output columns; a group with many
 //                                             tokens packs its block of B_g^T into L1 and shares every load among
-//                                             its tokens; one with few tokens reads B_g rows directly)
+//                                             its tokens; one with few tokens reads B_g rows directly; the
+//                                             block's terms add up in an fp32 tile in L1/L2, written out once)
 //           Users with few tokens (decode: one token each) run as their own tasks, shrink + expand together,
 //           streaming A_u and B_u once; the experts of all those tokens still go through the chunks, so each
 //           expert's A and B are read once per chunk, not once per token.
@@ -542,7 +543,9 @@ at::Tensor forward_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>&
                                                        (uintptr_t)o0 * sizeof(float));
     const int64_t ldy = direct ? p.O : kExpandCols;
     const Entry* te = direct ? p.ent.data() : tile_ent.data();
-    auto row_of = [&](int64_t q) { return direct ? yp + (int64_t)p.order[q] * p.O + o0 : tile.data() + (q - s) * ldy; };
+    auto row_of = [&](int64_t q) {
+      return direct ? yp + (int64_t)p.order[q] * p.O + o0 : tile.data() + (q - s) * ldy;
+    };
     for (int64_t q = s; q < e; ++q)
       if (!tok_late[p.order[q]]) std::memset(row_of(q), 0, w * sizeof(float));
     for (int32_t q = p.chunk_task_ptr[c]; q < p.chunk_task_ptr[c + 1]; ++q) {
