@@ -29,7 +29,14 @@ struct V {
   // Lane i = the sum of the lanes of a[i], i < 16: one transposing tree (15 adds, 30 shuffles for 16 rows) instead
   // of a horizontal sum per row (9 dependent operations each).
   static inline R reduce_rows(const R* a) {
-    R s[8], t[4], u[2];
+    R u[2];
+    reduce_halves(a, u);
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  }
+  // The first three levels of that tree: u[i]'s 128-bit lane 2h + g (h, g < 2) holds, for the rows
+  // 8i + 4g .. 8i + 4g + 3, the sum of their lanes 8h .. 8h + 7 (each row's low or high half).
+  static inline void reduce_halves(const R* a, R* u) {
+    R s[8], t[4];
     for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a_2i, a_2i+1, a_2i, a_2i+1] partial sums (lanes 0+2, 1+3)
       s[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
     for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of rows 4i .. 4i + 3
@@ -39,7 +46,6 @@ struct V {
     for (int i = 0; i < 2; ++i)  // 128-bit lanes 0+1 and 2+3 of rows 8i .. 8i + 3, then of 8i + 4 .. 8i + 7
       u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
                            _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
   }
 };
 

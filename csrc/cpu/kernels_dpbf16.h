@@ -93,17 +93,9 @@ static inline __m512i dp_rows2(const uint16_t* r0, const uint16_t* r1, __mmask16
 
 // 16 accumulators of row pairs -> the 32 row sums, in order, in r[0] (rows 0-15) and r[1] (rows 16-31)
 static inline void dp_reduce_pairs(const __m512* a, __m512* r) {
-  __m512 s[8], t[4];
-  for (int i = 0; i < 8; ++i)
-    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {
-    const __m512d p = _mm512_castps_pd(s[2 * i]), q = _mm512_castps_pd(s[2 * i + 1]);
-    t[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
-  }
+  V::reduce_halves(a, r);
   const __m512i order = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
-  for (int i = 0; i < 2; ++i)
-    r[i] = _mm512_permutexvar_ps(order, _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
-                                                      _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD)));
+  for (int i = 0; i < 2; ++i) r[i] = _mm512_permutexvar_ps(order, r[i]);
 }
 
 template <bool CONTIG>
@@ -118,7 +110,7 @@ static void rowdot_pairs16(const uint16_t* B, int64_t ld, int rank, int64_t o0, 
     for (int q = 0; q < nq; ++q) hv[q] = dp_dup16(H + ent[idx[q0 + q]].slot, rank);
     for (int64_t o = o0; o < o1; o += 32) {
       const int nv = (int)lmin(32, o1 - o);
-      const uint16_t* br[32];  // full blocks: one pointer, rows 2k, 2k + 1 at offsets; the last: clamped rows
+      const uint16_t* br[32];  // row o + i (the last block: rows past o1 - 1 clamped to it)
 #pragma GCC unroll 32
       for (int i = 0; i < 32; ++i) br[i] = B + (nv == 32 ? o + i : lmin(o + i, o1 - 1)) * ld;
       if (q0 == 0 && o + 32 + kRowdotAhead < o1) {  // one sequential stream through B: ask for it well ahead

@@ -465,10 +465,12 @@ at::Tensor forward_impl(const at::Tensor& x_in, const c10::optional<at::Tensor>&
   }
   // The expand's entries address the tile: `tok` is the token's row in its chunk's tile (the shrink's entries keep
   // the token's row of x).
+  // (built only when some chunk uses the tile: a decode step's chunks all hold late users)
   std::vector<char> chunk_late(p.nchunks, 0);
   for (int64_t q = 0; q < p.T; ++q) chunk_late[q / p.chunk] |= tok_late[p.order[q]];
-  std::vector<Entry> tile_ent(p.ent);
-  {
+  std::vector<Entry> tile_ent;
+  if (std::find(chunk_late.begin(), chunk_late.end(), 0) != chunk_late.end()) {
+    tile_ent = p.ent;
     std::vector<int32_t> row_in_chunk(p.T);
     for (int64_t q = 0; q < p.T; ++q) row_in_chunk[p.order[q]] = (int32_t)(q % p.chunk);
     for (Entry& en : tile_ent) en.tok = row_in_chunk[en.tok];
