@@ -25,7 +25,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="movielens-100k (built in), a .jsonl file in our schema, or LaMP questions .json / folder")
     p.add_argument("--out", default="runs/proper", help="run directory (metrics.json, checkpoints, stages)")
     p.add_argument("--budget", choices=sorted(BUDGETS), default="default",
-                   help="preset sizes: default (~30 min on 2 CPU cores, a seeded random subset of users) or tiny "
+                   help="preset sizes: default (20-40 min on 2 CPU cores, a seeded random subset of 128 users), "
+                        "full (every user, longer group and user stages; RESULTS.md has its wall time) or tiny "
                         "(a minutes-long smoke run)")
     p.add_argument("--max-users", default=None, help="N or 'all' (default: the budget's)")
     p.add_argument("--seed", type=int, default=0)

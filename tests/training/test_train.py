@@ -59,6 +59,11 @@ def test_config_validation():
         T.TrainConfig(budget="tiny", stop_after="nope:1").resolved()
     c = T.TrainConfig(budget="tiny", steps_user=3).resolved()
     assert c.steps("user") == 3 and c.steps("group") == T.BUDGETS["tiny"]["steps_group"]
+    # "full" is the default method on every user, paged by the user store, with longer group and user stages
+    full, default = T.TrainConfig(budget="full", out="o").resolved(), T.TrainConfig(out="o").resolved()
+    assert full.max_users == "all" and full.paging(943)[0] is not None and default.paging(128)[0] is None
+    assert full.steps("user") > default.steps("user") and full.steps("group") > default.steps("group")
+    assert (full.lr, full.user_lr, full.group_init, full.select_by) == (default.lr, default.user_lr, "ratings", "mae")
 
 
 def test_lr_schedule():
