@@ -97,7 +97,9 @@ on users who rate alike. "random" keeps the router's seeded random rows (and is 
 
 Early stopping (``select_by``): "loss" compares dev losses; "mae" (the default budget; rating tasks) compares the
 dev MAE of the median rule and lets the dev loss break its ties. On MovieLens dev the loss preferred a population
-model that predicts the same rating for everyone over a group model with 0.15 lower MAE.
+model that predicts the same rating for everyone over a group model with 0.15 lower MAE. A stage whose evaluations
+never beat its start rolls back to it, except the population stage, whose start (the base model without adapters)
+is recorded but never kept.
 
 Weight averaging (``ema_decay``: 0.99 in the default budget, off in tiny): in the population and group stages,
 an exponential moving average of the shared weights (decay min(ema_decay, (1 + t) / (10 + t)) at step t) is

@@ -240,6 +240,35 @@ def test_token_router_run(smollm2, movielens, tmp_path):
     assert saved["proper"]["token_router"] is True
 
 
+def test_the_population_stage_never_keeps_the_untrained_start(smollm2, movielens, tmp_path, monkeypatch):
+    """select_by="mae": a dev evaluation at step -1 that beats every later one rolls the group and user stages back
+    to their (trained) start, but the population stage keeps its best trained evaluation: its start is the base
+    model without adapters (a 943-user run once rolled 400 population steps back to it on a 0.018 MAE tie)."""
+    base, tok = smollm2
+    evals = iter(range(1000))
+
+    def scripted(self):   # each stage's start scores best; later evaluations worse, the last one least so
+        i = next(evals)
+        start = not self.state["history"][self.stage_now]["evals"]
+        mae = 0.5 if start else 1.5 - 0.01 * i
+        return {"dev_loss": 1.0 if start else 2.0 - 0.01 * i, "dev_mae": mae, "dev_mae_median": mae}
+
+    run_stage = T.Trainer.run_stage
+
+    def tracked(self, stage, resume=None):
+        self.stage_now = stage
+        return run_stage(self, stage, resume)
+
+    monkeypatch.setattr(T.Trainer, "dev_loss", scripted)
+    monkeypatch.setattr(T.Trainer, "run_stage", tracked)
+    cfg = _cfg(tmp_path / "run", select_by="mae", steps_population=4, steps_group=2, steps_user=2, eval_every=2,
+               ablations=(), diagnostics=False)
+    T.run_train(cfg, model_loader=lambda: (copy.deepcopy(base), tok), dataset=movielens, progress=False)
+    stages = json.loads((tmp_path / "run" / "progress.json").read_text())["stages"]
+    assert stages["population"]["best_step"] == 3          # the better of its two trained evaluations
+    assert stages["group"]["best_step"] == -1 and stages["user"]["best_step"] == -1
+
+
 def test_ema_and_group_lr_runs_evaluate_the_average_and_resume_it(smollm2, movielens, tmp_path):
     """--ema-decay: the dev evaluations and the stage's result are the average (the group stage starts from the
     population's best dev loss); the average survives a resume. --group-lr sets the experts' rate."""
