@@ -178,8 +178,10 @@ def main(argv=None) -> int:
     for b in models:
         k = f"proper[{b}]"
         v = {"vs_base": round(paired[k]["median"], 3)}   # the paired median: steadier on a drifting machine
-        if "peft" in med:
-            v["peft_over_proper"] = round(med["peft"] / med[k], 3)
+        if "peft" in med:   # paired too: peft's time over proper's, round by round
+            pp = paired_ratios(times, k)["peft"]
+            v["peft_over_proper"] = round(pp["median"], 3)
+            v["peft_over_proper_ci"] = [round(pp["lo"], 3), round(pp["hi"], 3)]
         v["goal_met"] = v["vs_base"] <= GOAL_VS_BASE and v.get("peft_over_proper", GOAL_VS_PEFT) >= GOAL_VS_PEFT
         verdicts[k] = v
     res["verdicts"] = verdicts
@@ -223,10 +225,12 @@ def markdown(res) -> str:
         paired = f"{pr['median']:.2f} [{pr['lo']:.2f}, {pr['hi']:.2f}]" if pr else "-"
         lines.append(f"| {k} | {v:.3f} | {res['ratio_vs_base'][k]:.2f} | {paired} |")
     lines += ["", "Odd rounds run the providers in reverse order. x base: ratio of medians; paired: the median of "
-              "each round's ratio to that round's base (the verdicts use it), with a 95% bootstrap interval."]
+              "each round's ratio to that round's base (the verdicts use it), with a 95% bootstrap interval; peft / "
+              "proper is paired the same way (peft's time over proper's in each round)."]
     lines += ["", f"Goals: proper <= {GOAL_VS_BASE}x base, peft / proper >= {GOAL_VS_PEFT}.", ""]
     for k, v in res["verdicts"].items():
-        peft = f", peft / proper = {v['peft_over_proper']:.2f}" if "peft_over_proper" in v else ""
+        peft = (f", peft / proper = {v['peft_over_proper']:.2f} [{v['peft_over_proper_ci'][0]:.2f}, "
+                f"{v['peft_over_proper_ci'][1]:.2f}]" if "peft_over_proper" in v else "")
         lines.append(f"- {k}: {v['vs_base']:.2f}x base{peft}: goal {'met' if v['goal_met'] else 'MISSED'}")
     if "kernel_split" in res:
         ks = res["kernel_split"]
