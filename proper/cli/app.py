@@ -95,10 +95,11 @@ def _cmd_eval(args) -> int:
         return 2
     for d, m in zip(args.run_dir, metrics):
         print((f"{d}:\n" if len(metrics) > 1 else "") + summary_table(m))
-    if len(metrics) == 1:
+    if len(metrics) == 1 and args.decision == "argmax":
         if args.report:
             print(f"report: {write_report(args.run_dir[0], args.report, metrics=metrics[0])}")
         return 0
+    # several runs, or one run under --decision median: the per-seed report, whose tables take that rule
     text = multi_seed_report(args.run_dir, decision=args.decision)
     if not args.report:
         print("\n" + text)
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--decision", choices=("argmax", "median"), default="argmax",
                    help="the LLM systems' rating in the multi-seed report: the argmax of the five-rating distribution "
                         "(the LaMP protocol, default) or its median (the Bayes decision for absolute error; runs "
-                        "that recorded it)")
+                        "that recorded it); one run with 'median' gets the same report for that run alone")
     e.set_defaults(func=_cmd_eval)
     x = add_export_arguments(sub.add_parser("export", help="users as standard peft LoRA folders (exact), for vLLM, "
                                                            "LoRAX, S-LoRA or peft"))

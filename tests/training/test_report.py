@@ -204,6 +204,9 @@ def test_cli_eval_one_run_report_has_paired_tables(tmp_path, capsys):
     run = fake_run(tmp_path / "r", 0)
     assert main(["eval", str(run), "--report", str(tmp_path / "r.md")]) == 0
     assert "| proper - mf_svd |" in (tmp_path / "r.md").read_text()
+    # --decision median is not ignored for one run: that run's report under the median rule
+    assert main(["eval", str(run), "--decision", "median", "--report", str(tmp_path / "m.md")]) == 0
+    assert "the median of the five-rating distribution" in (tmp_path / "m.md").read_text()
 
 
 def test_median_rating_is_the_smallest_rating_reaching_half_the_mass():
