@@ -68,6 +68,22 @@ def kernel_split(model, base_run, user_ids, enc, gen_kw, reps: int) -> Dict[str,
             "kernel_s": round(kernel, 4), "rest_beyond_base_s": round(rest, 4)}
 
 
+def goal_verdicts(times: Dict[str, list], providers) -> Dict[str, Dict[str, object]]:
+    """Each proper provider's verdict on the goals from the rounds' seconds ``times`` (interleaved_times): its paired
+    median ratio to base (steadier on a drifting machine than a ratio of medians), and where peft ran, peft's time
+    over proper's paired the same way, with its 95% bootstrap interval."""
+    out = {}
+    for k in providers:
+        v = {"vs_base": round(paired_ratios({"base": times["base"], k: times[k]}, "base")[k]["median"], 3)}
+        if "peft" in times:
+            pp = paired_ratios({k: times[k], "peft": times["peft"]}, k)["peft"]
+            v["peft_over_proper"] = round(pp["median"], 3)
+            v["peft_over_proper_ci"] = [round(pp["lo"], 3), round(pp["hi"], 3)]
+        v["goal_met"] = v["vs_base"] <= GOAL_VS_BASE and v.get("peft_over_proper", GOAL_VS_PEFT) >= GOAL_VS_PEFT
+        out[k] = v
+    return out
+
+
 def profile_one(fn: Callable[[], object], path: Path, rows: int = 25) -> Dict[str, float]:
     """torch.profiler over one call: the op table to `path`, and the share spent inside routed_lora."""
     from torch.profiler import ProfilerActivity, profile
@@ -174,17 +190,7 @@ def main(argv=None) -> int:
            "goals": {"proper_vs_base_max": GOAL_VS_BASE, "peft_over_proper_min": GOAL_VS_PEFT}}
     if first is not None:
         res["distinct_user_outputs"] = distinct
-    verdicts = {}
-    for b in models:
-        k = f"proper[{b}]"
-        v = {"vs_base": round(paired[k]["median"], 3)}   # the paired median: steadier on a drifting machine
-        if "peft" in med:   # paired too: peft's time over proper's, round by round
-            pp = paired_ratios(times, k)["peft"]
-            v["peft_over_proper"] = round(pp["median"], 3)
-            v["peft_over_proper_ci"] = [round(pp["lo"], 3), round(pp["hi"], 3)]
-        v["goal_met"] = v["vs_base"] <= GOAL_VS_BASE and v.get("peft_over_proper", GOAL_VS_PEFT) >= GOAL_VS_PEFT
-        verdicts[k] = v
-    res["verdicts"] = verdicts
+    res["verdicts"] = verdicts = goal_verdicts(times, [f"proper[{b}]" for b in models])
 
     if args.kernel_split and "cpu" in models:
         res["kernel_split"] = kernel_split(models["cpu"], runs["base"], user_ids, enc, gen_kw, args.reps)

@@ -75,6 +75,21 @@ def test_paired_ratios_pair_each_round_with_the_base():
     assert paired_ratios(times, "base") == r                            # seeded
 
 
+def test_generate_verdicts_pair_peft_with_proper_round_by_round():
+    from proper.bench.generate import GOAL_VS_BASE, GOAL_VS_PEFT, goal_verdicts
+
+    # the machine's speed swings 3x between rounds; proper is 1.3x base in every round, peft 2.4x proper in three
+    # rounds and 1.8x in two: the paired median says 2.4 (goal met), a ratio of medians 7.02 / 3.9 = 1.8 (missed)
+    times = {"base": [1.0, 3.0, 1.0, 3.0, 3.0], "proper[cpu]": [1.3, 3.9, 1.3, 3.9, 3.9],
+             "peft": [3.12, 7.02, 3.12, 7.02, 9.36]}
+    v = goal_verdicts(times, ["proper[cpu]"])["proper[cpu]"]
+    assert v["vs_base"] == 1.3 <= GOAL_VS_BASE
+    assert v["peft_over_proper"] == 2.4 >= GOAL_VS_PEFT and v["peft_over_proper_ci"] == [1.8, 2.4]
+    assert v["goal_met"] is True
+    assert "peft_over_proper" not in goal_verdicts({k: times[k] for k in ("base", "proper[cpu]")},
+                                                   ["proper[cpu]"])["proper[cpu]"]
+
+
 def test_plot_paired_writes_a_png(tmp_path):
     from proper.bench.timing import paired_ratios, plot_paired
 
